@@ -1,0 +1,188 @@
+"""
+In-memory TLS clients and backends for unit tests of the proxy pair: real
+TLS handshakes over Twisted's iosim transports, one shared clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trustme
+from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionAborted, ConnectionLost
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import Certificate as TwistedCertificate
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import implementer
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+from tlsproxy.record import ConnectionRecord
+from tlsproxy.relay import RelayFactory, Timeouts
+from tlsproxy.tls import ServerTLS, server_context
+
+CA = trustme.CA()
+LEAF = CA.issue_cert("localhost", "127.0.0.1")
+
+
+def leaf_context() -> SSL.Context:
+    """A server context for the test CA's "localhost" certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    chain = [x509.load_pem_x509_certificate(b.bytes()) for b in LEAF.cert_chain_pems]
+    key = load_pem_private_key(LEAF.private_key_pem.bytes(), None)
+    return server_context(chain, key)
+
+
+class Transport(iosim.FakeTransport):  # type: ignore[misc]
+    """
+    iosim's transport, with what the relay's contract is about: an abort is
+    reported as one (to both ends) and drops unsent bytes, as TCP's does,
+    and pausing is visible.
+    """
+
+    peer: Transport
+    aborted = False
+    paused = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.stream = []
+        self.disconnectReason = ConnectionAborted()
+        self.peer.disconnectReason = ConnectionLost()
+        super().abortConnection()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+
+def connect(
+    server: IProtocol,
+    client: IProtocol,
+    clock: Clock,
+    server_address: IPv4Address,
+    client_address: IPv4Address,
+) -> iosim.IOPump:
+    """Connect two protocols in memory; the pump is not run yet."""
+    server_io = Transport(server, True, server_address, client_address)
+    client_io = Transport(client, False, client_address, server_address)
+    server_io.peer, client_io.peer = client_io, server_io
+    return iosim.connect(server, server_io, client, client_io, greet=False, clock=clock)
+
+
+class Recorder(Protocol):
+    """A peer that keeps what it receives and how its connection ended."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.ended: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
+        self.ended = reason
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.received)
+
+
+@implementer(IStreamClientEndpoint)
+class Endpoint:
+    """A backend endpoint whose connection attempts the test completes."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[IProtocolFactory, Deferred[IProtocol]]] = []
+        self.cancelled = 0
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def cancel(d: Deferred[IProtocol]) -> None:
+            self.cancelled += 1
+
+        attempt: Deferred[IProtocol] = Deferred(cancel)
+        self.attempts.append((factory, attempt))
+        return attempt
+
+
+class Pair:
+    """
+    One TLS client connected in memory to the proxy's server side, with the
+    proxy's backend endpoint under the test's control.
+    """
+
+    CLIENT = IPv4Address("TCP", "192.0.2.7", 50123)
+    LISTEN = IPv4Address("TCP", "127.0.0.1", 8443)
+    BACKEND_LOCAL = IPv4Address("TCP", "127.0.0.2", 40001)
+    BACKEND = IPv4Address("TCP", "127.0.0.3", 8080)
+
+    def __init__(self, timeouts: Timeouts = Timeouts(), **client_options: Any) -> None:
+        self.clock = Clock()
+        self.records: list[ConnectionRecord] = []
+        self.endpoint = Endpoint()
+        relay = RelayFactory(
+            connect=self.endpoint,
+            clock=self.clock,
+            observe=self.records.append,
+            timeouts=timeouts,
+            service="test",
+        )
+        server_factory = TLSMemoryBIOFactory(
+            ServerTLS(leaf_context()), False, relay, self.clock
+        )
+        trust = trustRootFromCertificates(
+            [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]
+        )
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("localhost", trust, **client_options),
+            True,
+            Factory.forProtocol(Recorder),
+            self.clock,
+        )
+        self.server = server_factory.buildProtocol(self.CLIENT)
+        self.client_tls = client_factory.buildProtocol(self.LISTEN)
+        self.client: Recorder = self.client_tls.wrappedProtocol
+        self.pump = connect(
+            self.server, self.client_tls, self.clock, self.LISTEN, self.CLIENT
+        )
+        self.backend = Recorder()
+        self.backend_pump: iosim.IOPump | None = None
+
+    @property
+    def server_io(self) -> Transport:
+        return self.pump.serverIO  # type: ignore[no-any-return]
+
+    def connect_backend(self) -> None:
+        """Complete the proxy's (single) backend connection attempt."""
+        factory, attempt = self.endpoint.attempts[0]
+        proxy_side = factory.buildProtocol(self.BACKEND)
+        assert proxy_side is not None
+        self.backend_pump = connect(
+            self.backend, proxy_side, self.clock, self.BACKEND, self.BACKEND_LOCAL
+        )
+        attempt.callback(proxy_side)
+
+    @property
+    def backend_io(self) -> Transport:
+        assert self.backend_pump is not None
+        return self.backend_pump.clientIO  # type: ignore[no-any-return]
+
+    def flush(self) -> None:
+        """Move bytes on both connections until nothing moves."""
+        for _ in range(100):
+            moved = self.pump.flush()
+            if self.backend_pump is not None:
+                moved = self.backend_pump.flush() or moved
+            if not moved:
+                return
+        raise AssertionError("still moving after 100 rounds")

@@ -1,0 +1,21 @@
+"""
+tlsproxy: terminate TLS and relay the plain bytes to one backend.
+
+The names here are the embedding API (see README.rst, "Embedding").
+"""
+
+from .record import ConnectionRecord, log_close
+from .relay import Timeouts
+from .service import ProxyConfig, proxy_service
+from .tls import ConfigError, load_server_context, self_signed
+
+__all__ = [
+    "ConfigError",
+    "ConnectionRecord",
+    "ProxyConfig",
+    "Timeouts",
+    "load_server_context",
+    "log_close",
+    "proxy_service",
+    "self_signed",
+]

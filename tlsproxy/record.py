@@ -1,0 +1,87 @@
+"""
+Connection records: what one proxied connection was, as the connection log
+and twistd's log see it.
+
+The field names are an interface (see README.rst, "Connection records").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.interfaces import IAddress
+from twisted.logger import Logger
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionRecord:
+    """
+    One proxied connection.  C{event} is C{"open"} when the backend
+    connection is made and C{"close"} when the connection has ended; a field
+    that does not apply (yet) is C{None}.
+    """
+
+    event: str
+    id: str
+    service: str
+    client_host: str | None
+    client_port: int | None
+    listen_host: str | None
+    listen_port: int | None
+    backend_local_host: str | None = None
+    backend_local_port: int | None = None
+    backend_host: str | None = None
+    backend_port: int | None = None
+    opened: float
+    closed: float | None = None
+    duration: float | None = None
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    tls_version: str | None = None
+    cipher: str | None = None
+    sni: str | None = None
+    alpn: str | None = None
+    client_cert: str | None = None
+    reason: str | None = None
+
+
+RecordObserver = Callable[[ConnectionRecord], None]
+
+
+def host_port(address: IAddress) -> tuple[str | None, int | None]:
+    """
+    The host and port of an address; a UNIX socket has its path as host and
+    no port, and an unnamed one has neither.
+    """
+    port = getattr(address, "port", None)
+    host = getattr(address, "host", getattr(address, "name", None))
+    return (None if host is None else os.fsdecode(host)), port
+
+
+def _endpoint(host: str | None, port: int | None) -> str:
+    return "-" if host is None else f"{host}:{port}"
+
+
+_log = Logger(namespace="tlsproxy")
+
+
+def log_close(record: ConnectionRecord) -> None:
+    """
+    Write one line to twistd's log for each connection that has closed, as
+    stunnel does: who, through which local address, to where, why it ended,
+    and the bytes each way.
+    """
+    if record.event == "close":
+        _log.info(
+            "[{service}] {id} from {client} via {backend_local} to {backend}"
+            " closed: {reason}; {bytes_from_client} bytes from client,"
+            " {bytes_to_client} bytes to client in {duration:.3f} s",
+            client=_endpoint(record.client_host, record.client_port),
+            backend_local=_endpoint(
+                record.backend_local_host, record.backend_local_port
+            ),
+            backend=_endpoint(record.backend_host, record.backend_port),
+            **attrs.asdict(record),
+        )

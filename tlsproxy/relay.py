@@ -1,0 +1,384 @@
+"""
+The proxy pair: one TLS client connection and the backend connection it
+gets once its handshake has completed.
+
+L{ClientSide} owns the pair.  Its contract:
+
+  - the backend is connected only after the TLS handshake completes; client
+    bytes decrypted before the backend is there wait in L{_Connecting} (at
+    most one read's worth: the client is paused at the handshake);
+  - flow control both ways: each side's transport pauses the other side's
+    reading when its write buffer is full, so a connection holds at most
+    about one read and one write buffer per direction (see README.rst);
+  - every byte arrives, in order.  When the backend closes, the client gets
+    every byte and then a TLS close_notify; when the client sends
+    close_notify, the backend gets every byte and then a FIN.  Any other
+    end (a reset, a TLS error, a timeout) aborts both sides;
+  - one close path: each side's loss is counted in L{ClientSide._side_closed}
+    and when both are gone one C{close} record is published, with the
+    reason of whatever ended the connection first.
+"""
+
+from __future__ import annotations
+
+import typing
+import uuid
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from typing_extensions import override
+from zope.interface import implementer
+
+from .record import ConnectionRecord, RecordObserver, host_port
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """
+    Seconds allowed for the TLS handshake, for connecting to the backend
+    (counted from the end of the handshake), and without traffic either way.
+    """
+
+    handshake: float = 30.0
+    connect: float = 30.0
+    idle: float = 3600.0
+
+
+class _BackendEnd(typing.Protocol):
+    """What the client side asks of its backend, whatever state it is in."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+
+class _Pausable(typing.Protocol):
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+
+class _Transport(_BackendEnd, _Pausable, typing.Protocol):
+    """What the pair uses of the backend's transport."""
+
+    def writeSequence(self, data: list[bytes]) -> None: ...
+
+    def getHost(self) -> IAddress: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+
+class _NoBackend:
+    """
+    The backend before the handshake completes: nothing to close.  (No
+    client bytes arrive before the handshake completes, so nothing writes.)
+    """
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("client data before the TLS handshake completed")
+
+    def loseConnection(self) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+
+class _Connecting:
+    """
+    The backend while it is being connected: client bytes wait here, and a
+    client that finishes cleanly meanwhile still has them delivered.
+    """
+
+    def __init__(self, attempt: Deferred[IProtocol]) -> None:
+        self.attempt = attempt
+        self.chunks: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def loseConnection(self) -> None:
+        self.closing = True
+
+    def abortConnection(self) -> None:
+        self.attempt.cancel()
+
+
+@implementer(IPushProducer)
+@attrs.frozen
+class _Throttle:
+    """
+    Flow control from one side's transport to the other's: pausing and
+    resuming pass through; stopping does not, because a transport that is
+    lost stops its producer, and the other side must be closed by the close
+    path (with a TLS close_notify), not by the lost transport.
+    """
+
+    transport: _Pausable
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def describe(side: str, reason: Failure) -> str:
+    """The close reason for a side's loss: one short line, no payload."""
+    if reason.check(ConnectionDone):
+        return f"{side} closed"
+    if reason.check(SSL.Error):
+        return f"TLS error: {reason.getErrorMessage()}"
+    return f"{side} error: {reason.getErrorMessage()}"
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("ascii", "replace") if value else None
+
+
+class RelayFactory(ServerFactory):
+    """
+    Builds a L{ClientSide} for each accepted TLS connection (this factory
+    sits under Twisted's C{TLSMemoryBIOFactory}).
+    """
+
+    def __init__(
+        self,
+        *,
+        connect: IStreamClientEndpoint,
+        clock: IReactorTime,
+        observe: RecordObserver,
+        timeouts: Timeouts,
+        service: str,
+    ) -> None:
+        self.connect = connect
+        self.clock = clock
+        self.observe = observe
+        self.timeouts = timeouts
+        self.service = service
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> ClientSide:
+        return ClientSide(self)
+
+
+@implementer(IHandshakeListener)
+class ClientSide(Protocol):
+    """
+    The TLS client's side of one proxied connection, and the owner of the
+    pair (see the module's docstring for the contract).
+    """
+
+    transport: TLSMemoryBIOProtocol
+
+    def __init__(self, relay: RelayFactory) -> None:
+        self._relay = relay
+        # Where client bytes go: a stand-in until the backend is connected.
+        self._backend: _BackendEnd = _NoBackend()
+        # 1 while only the client is counted, 2 once the backend is tried.
+        self._open_sides = 1
+        # The first reason anything gave for ending the connection.
+        self._reason: str | None = None
+        self._from_client = 0
+        self._to_client = 0
+
+    @override
+    def connectionMade(self) -> None:
+        relay = self._relay
+        client_host, client_port = host_port(self.transport.getPeer())
+        listen_host, listen_port = host_port(self.transport.getHost())
+        self._record = ConnectionRecord(
+            event="open",
+            id=uuid.uuid4().hex,
+            service=relay.service,
+            client_host=client_host,
+            client_port=client_port,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            opened=relay.clock.seconds(),
+        )
+        # One timer for the whole connection: its period and reason change
+        # from handshake to connect to idle.
+        self._period = relay.timeouts.handshake
+        self._timeout_reason = "handshake timeout"
+        self._deadline: IDelayedCall = relay.clock.callLater(
+            self._period, self._timed_out
+        )
+
+    def _arm(self, period: float, reason: str) -> None:
+        self._period = period
+        self._timeout_reason = reason
+        self._deadline.reset(period)
+
+    def handshakeCompleted(self) -> None:
+        """
+        Note the TLS facts, hold the client's further bytes, and connect to
+        the backend.
+        """
+        tls = self.transport.getHandle()
+        self._record = attrs.evolve(
+            self._record,
+            tls_version=tls.get_protocol_version_name(),
+            cipher=tls.get_cipher_name(),
+            sni=_text(tls.get_servername()),
+            alpn=_text(tls.get_alpn_proto_negotiated()),
+        )
+        self.transport.pauseProducing()
+        self._arm(self._relay.timeouts.connect, "backend connect timeout")
+        attempt = self._relay.connect.connect(_BackendFactory(self))
+        pending = _Connecting(attempt)
+        self._backend = pending
+        self._open_sides = 2
+        attempt.addCallbacks(
+            self._backend_connected, self._backend_failed, callbackArgs=(pending,)
+        )
+
+    def _backend_connected(self, backend: IProtocol, pending: _Connecting) -> None:
+        transport = typing.cast(
+            _Transport, typing.cast(_BackendSide, backend).transport
+        )
+        self._backend = transport
+        transport.writeSequence(pending.chunks)
+        local_host, local_port = host_port(transport.getHost())
+        backend_host, backend_port = host_port(transport.getPeer())
+        self._record = attrs.evolve(
+            self._record,
+            backend_local_host=local_host,
+            backend_local_port=local_port,
+            backend_host=backend_host,
+            backend_port=backend_port,
+        )
+        self._relay.observe(self._counted(event="open"))
+        if pending.closing:
+            # The client finished while we connected: deliver, then FIN.
+            transport.loseConnection()
+            return
+        transport.registerProducer(_Throttle(self.transport), True)
+        self.transport.registerProducer(_Throttle(transport), True)
+        self.transport.resumeProducing()
+        self._arm(self._relay.timeouts.idle, "idle timeout")
+
+    def _backend_failed(self, reason: Failure) -> None:
+        self._note(f"backend connect failed: {reason.getErrorMessage()}")
+        if self._open_sides == 2:  # the client is still connected
+            self.transport.abortConnection()
+        self._side_closed()
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self._from_client += len(data)
+        self._deadline.reset(self._period)
+        self._backend.write(data)
+
+    def backend_data(self, data: bytes) -> None:
+        """Send the backend's bytes to the client."""
+        self._to_client += len(data)
+        self._deadline.reset(self._period)
+        self.transport.write(data)
+
+    def backend_lost(self, reason: Failure) -> None:
+        """
+        The backend connection is gone: a clean close gives the client every
+        byte and then close_notify; anything else aborts the client.
+        """
+        self._note(describe("backend", reason))
+        if self._open_sides == 2:  # the client is still connected
+            if reason.check(ConnectionDone):
+                self.transport.unregisterProducer()
+                # Read again: the client's close_notify must be able to arrive.
+                self.transport.resumeProducing()
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
+        self._side_closed()
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        self._note(describe("client", reason))
+        self._side_closed()  # first, so that the backend sees the client gone
+        if reason.check(ConnectionDone):
+            self._backend.loseConnection()
+        else:
+            self._backend.abortConnection()
+
+    def _timed_out(self) -> None:
+        self._note(self._timeout_reason)
+        self.transport.abortConnection()
+        self._backend.abortConnection()
+
+    def _note(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+
+    def _side_closed(self) -> None:
+        self._open_sides -= 1
+        if self._open_sides == 0:
+            closed = self._relay.clock.seconds()
+            self._relay.observe(
+                self._counted(
+                    event="close",
+                    closed=closed,
+                    duration=closed - self._record.opened,
+                    reason=self._reason,
+                )
+            )
+
+    def _counted(self, **changes: typing.Any) -> ConnectionRecord:
+        return attrs.evolve(
+            self._record,
+            bytes_from_client=self._from_client,
+            bytes_to_client=self._to_client,
+            **changes,
+        )
+
+
+class _BackendSide(Protocol):
+    """The backend's side of the pair: everything goes to its L{ClientSide}."""
+
+    def __init__(self, client: ClientSide) -> None:
+        self._client = client
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self._client.backend_data(data)
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._client.backend_lost(reason)
+
+
+class _BackendFactory(Factory):
+    """Builds the one L{_BackendSide} of a L{ClientSide}."""
+
+    noisy = False
+
+    def __init__(self, client: ClientSide) -> None:
+        self._client = client
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> _BackendSide:
+        return _BackendSide(self._client)

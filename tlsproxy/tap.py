@@ -1,0 +1,160 @@
+"""
+C{twistd tlsproxy}: the command line, validated once, and the service it
+makes.
+
+Everything is read and checked in L{Options.postOptions}, which twistd runs
+as root on the real filesystem, before it chroots and drops privileges: the
+certificate and key files, the TLS context, the endpoint strings and the
+timeouts.  A mistake is one line naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import encodings.idna  # noqa: F401  (getaddrinfo needs it; not in a jail)
+import math
+import sys
+from collections.abc import Callable
+
+from OpenSSL import SSL
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+from typing_extensions import override
+
+from .relay import Timeouts
+from .service import ProxyConfig, proxy_service
+from .tls import ConfigError, load_server_context, self_signed
+
+_log = Logger(namespace="tlsproxy")
+
+
+def _seconds(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{option} {text}: not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{option} {text}: must be a positive number of seconds")
+    return value
+
+
+def _endpoint(option: str, text: str, parse: Callable[[object, str], object]) -> str:
+    from twisted.internet import reactor
+
+    try:
+        parse(reactor, text)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ConfigError(f"{option} {text}: {e}") from None
+    return text
+
+
+class Options(usage.Options):
+    """The options of C{twistd tlsproxy}; see README.rst for each."""
+
+    synopsis = "--connect ENDPOINT (--cert FILE [--key FILE] | --self-signed NAME)"
+    longdesc = (
+        "Accept TLS connections on the --listen endpoint and relay each one, "
+        "after its handshake, to the --connect endpoint as plain TCP. Use "
+        "twistd's own --chroot, --uid, --gid, --pidfile, --logfile and --syslog."
+    )
+    optParameters = [
+        ["listen", None, "tcp:443", "Server endpoint string to accept TLS on."],
+        ["connect", None, None, "Client endpoint string of the backend (required)."],
+        ["cert", None, None, "PEM certificate file: the leaf, then its chain."],
+        ["key", None, None, "PEM private key file [default: the --cert file]."],
+        ["self-signed", None, None, "Make a throwaway certificate for NAME."],
+        ["handshake-timeout", None, "30", "Seconds for the TLS handshake."],
+        ["connect-timeout", None, "30", "Seconds to connect to the backend."],
+        ["idle-timeout", None, "3600", "Seconds without traffic before closing."],
+    ]
+
+    fingerprint: str | None = None
+
+    @override
+    def postOptions(self) -> None:
+        try:
+            self.config = self._config()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _config(self) -> ProxyConfig:
+        if self["connect"] is None:
+            raise ConfigError("--connect is required (for example tcp:127.0.0.1:80)")
+        return ProxyConfig(
+            listen=_endpoint("--listen", self["listen"], serverFromString),
+            connect=_endpoint("--connect", self["connect"], clientFromString),
+            context=self._context(),
+            timeouts=Timeouts(
+                handshake=_seconds("--handshake-timeout", self["handshake-timeout"]),
+                connect=_seconds("--connect-timeout", self["connect-timeout"]),
+                idle=_seconds("--idle-timeout", self["idle-timeout"]),
+            ),
+        )
+
+    def _context(self) -> SSL.Context:
+        name = self["self-signed"]
+        if name is not None:
+            if self["cert"] or self["key"]:
+                raise ConfigError(f"--self-signed {name}: not with --cert or --key")
+            made = self_signed(name)
+            self.fingerprint = made.fingerprint
+            return made.context
+        if self["cert"] is None:
+            raise ConfigError("--cert FILE (or --self-signed NAME) is required")
+        return load_server_context(self["cert"], self["key"])
+
+
+class StartupError(Exception):
+    """A failure after the options were accepted; its text is one line."""
+
+
+def _one_line(hook: Callable[..., object]) -> Callable[..., object]:
+    """
+    Wrap C{sys.excepthook} so that a L{StartupError} escaping twistd prints
+    its one line instead of a traceback (the exit status stays 1).
+    """
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if issubclass(kind, StartupError):
+            sys.stderr.write(f"{value}\n")
+        else:
+            hook(kind, value, tb)
+
+    return excepthook
+
+
+class _Startup(MultiService):
+    """
+    Under twistd, a port that cannot be bound ends start-up with one line
+    and exit status 1, not a traceback.  (It must be an C{Exception}: that is
+    what twistd reports to its parent process when it daemonizes.)
+    """
+
+    def __init__(self, listen: str, service: IService) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._listen = listen
+        service.setServiceParent(self)
+
+    @override
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except CannotListenError as e:
+            raise StartupError(f"tlsproxy: --listen {self._listen}: {e}") from None
+
+
+def makeService(options: Options) -> IService:
+    """The service for validated C{options}, on the global reactor."""
+    from twisted.internet import reactor
+
+    sys.excepthook = _one_line(sys.excepthook)
+    if options.fingerprint is not None:
+        _log.warn(
+            "self-signed certificate for {name}, made for trying out only;"
+            " SHA-256 fingerprint {fingerprint}",
+            name=options["self-signed"],
+            fingerprint=options.fingerprint,
+        )
+    return _Startup(options["listen"], proxy_service(options.config, reactor))

@@ -1,0 +1,192 @@
+"""
+The server's TLS context: certificates and keys loaded once, at start-up.
+
+Everything here runs before twistd chroots and drops privileges, so the key
+file may stay outside the jail, readable by root only.  Every user mistake
+becomes a L{ConfigError} whose message names the option and the value.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+# TLS 1.2 suites: forward-secret (ECDHE) and AEAD only, strongest first.
+# TLS 1.3 suites are all forward-secret AEAD; OpenSSL's defaults stand.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+    ]
+)
+
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_SINGLE_ECDH_USE
+)
+
+
+class ConfigError(Exception):
+    """
+    A start-up mistake by the user; C{str()} is one line naming the option
+    and the value.
+    """
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: {e.strerror}") from None
+
+
+def load_certificates(path: str) -> list[x509.Certificate]:
+    """
+    Read the leaf certificate and the chain after it from the PEM file
+    C{path}, given by C{--cert}.
+
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    data = _read("--cert", path)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(f"--cert {path}: no PEM certificate found") from None
+
+
+def load_key(path: str) -> PrivateKeyTypes:
+    """
+    Read an unencrypted PEM private key from C{path}, given by C{--key} (or
+    C{--cert} when the key is in the certificate's file).
+
+    @raise ConfigError: the file cannot be read or holds no usable key.
+    """
+    data = _read("--key", path)
+    try:
+        return load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        reason = str(e).split(".")[0]
+        raise ConfigError(
+            f"--key {path}: not a usable PEM private key ({reason})"
+        ) from None
+
+
+def server_context(chain: list[x509.Certificate], key: PrivateKeyTypes) -> SSL.Context:
+    """
+    Build the server's OpenSSL context: TLS 1.2 and 1.3 only, forward-secret
+    AEAD ciphers in the server's order, no compression, no renegotiation,
+    session resumption by session ID and by ticket.
+
+    @param chain: the leaf certificate first, then its chain.
+    @param key: the leaf's private key, as C{cryptography} loaded it.
+
+    @raise SSL.Error: OpenSSL refuses the certificate or the key, or the
+        key does not match the certificate.
+    """
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(_OPTIONS)
+    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.set_session_id(b"tlsproxy")
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.use_certificate(chain[0])
+    for extra in chain[1:]:
+        context.add_extra_chain_cert(extra)
+    context.use_privatekey(key)  # type: ignore[arg-type]
+    context.check_privatekey()
+    return context
+
+
+def load_server_context(cert_path: str, key_path: str | None = None) -> SSL.Context:
+    """
+    The server context for C{--cert cert_path --key key_path}; the key
+    defaults to the certificate's file, as stunnel's does.
+
+    @raise ConfigError: on any problem with either file.
+    """
+    key_path = key_path or cert_path
+    chain = load_certificates(cert_path)
+    key = load_key(key_path)
+    try:
+        return server_context(chain, key)
+    except SSL.Error as e:
+        reason = e.args[0][0][2]  # OpenSSL's reason, e.g. "key values mismatch"
+        raise ConfigError(f"--cert {cert_path} --key {key_path}: {reason}") from None
+
+
+@attrs.frozen
+class SelfSigned:
+    """
+    A throwaway certificate made in memory for C{--self-signed}: never
+    written to disk.
+    """
+
+    context: SSL.Context
+    fingerprint: str  # SHA-256, colon-separated hex, as openssl prints it
+
+
+def self_signed(name: str) -> SelfSigned:
+    """
+    Make a P-256 key and a 30-day self-signed certificate for C{name} (a DNS
+    name or an IP address).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        alt = x509.DNSName(name)
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    digest = certificate.fingerprint(hashes.SHA256())
+    return SelfSigned(
+        context=server_context([certificate], key),
+        fingerprint=":".join(f"{byte:02X}" for byte in digest),
+    )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@attrs.frozen
+class ServerTLS:
+    """
+    Give each accepted connection an OpenSSL connection on C{context}.
+
+    Twisted's C{CertificateOptions} is not used: it turns sessions off, and
+    in Twisted 26.10 it aborts every handshake that offers ALPN unless it is
+    given protocols to offer.
+    """
+
+    context: SSL.Context
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
