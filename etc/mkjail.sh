@@ -19,13 +19,14 @@ die() { echo "mkjail.sh: $*" >&2; exit 1; }
 
 [ $# -eq 3 ] || { echo "usage: mkjail.sh DIR USER GROUP" >&2; exit 2; }
 dir=$1 user=$2 group=$3
-case $dir in /?*) ;; *) die "DIR must be an absolute path: $dir" ;; esac
+case $dir in /*) ;; *) die "DIR must be an absolute path: $dir" ;; esac
 [ "$(id -u)" -eq 0 ] || die "must be run as root"
 getent passwd "$user" >/dev/null || die "no such user: $user"
 getent group "$group" >/dev/null || die "no such group: $group"
 
 umask 022
 mkdir -p "$dir/dev" "$dir/etc"
+[ "$(cd "$dir" && pwd -P)" != / ] || die "DIR must not be /: $dir"
 chown 0:0 "$dir" "$dir/dev" "$dir/etc"
 chmod 755 "$dir" "$dir/dev" "$dir/etc"
 

@@ -12,21 +12,25 @@ from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionLost
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate as TwistedCertificate
+from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
-from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory, Timeouts
 from tlsproxy.tls import ServerTLS, server_context
 
+DEFAULTS = Timeouts()
 CA = trustme.CA()
 LEAF = CA.issue_cert("localhost", "127.0.0.1")
 
@@ -90,7 +94,7 @@ class Recorder(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.ended = reason
 
     @property
@@ -126,7 +130,7 @@ class Pair:
     BACKEND_LOCAL = IPv4Address("TCP", "127.0.0.2", 40001)
     BACKEND = IPv4Address("TCP", "127.0.0.3", 8080)
 
-    def __init__(self, timeouts: Timeouts = Timeouts(), **client_options: Any) -> None:
+    def __init__(self, timeouts: Timeouts = DEFAULTS, **client_options: Any) -> None:
         self.clock = Clock()
         self.records: list[ConnectionRecord] = []
         self.endpoint = Endpoint()

@@ -5,13 +5,17 @@ Unit tests for the proxy pair, in memory: real TLS handshakes, a fake clock.
 from __future__ import annotations
 
 from OpenSSL import SSL
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.relay import Timeouts, _Throttle, describe
 
-from .memory import Pair, Transport
+from .memory import DEFAULTS, Pair, Transport
 
 
 class RelayTests(SynchronousTestCase):
@@ -73,7 +77,9 @@ class RelayTests(SynchronousTestCase):
             (record.backend_local_host, record.backend_local_port),
             ("127.0.0.2", 40001),
         )
-        self.assertEqual((record.backend_host, record.backend_port), ("127.0.0.3", 8080))
+        self.assertEqual(
+            (record.backend_host, record.backend_port), ("127.0.0.3", 8080)
+        )
         self.assertEqual(record.tls_version, "TLSv1.3")
         self.assertEqual(record.cipher, "TLS_AES_256_GCM_SHA384")
         self.assertEqual(record.sni, "localhost")
@@ -124,7 +130,7 @@ class RelayTests(SynchronousTestCase):
 class CloseTests(SynchronousTestCase):
     """One close path: how each end is closed, and the one close record."""
 
-    def connected(self, timeouts: Timeouts = Timeouts()) -> Pair:
+    def connected(self, timeouts: Timeouts = DEFAULTS) -> Pair:
         pair = Pair(timeouts)
         pair.flush()
         pair.connect_backend()
@@ -356,7 +362,9 @@ class DescribeTests(SynchronousTestCase):
 
     def test_clean(self) -> None:
         """A clean close is "<side> closed"."""
-        self.assertEqual(describe("backend", Failure(ConnectionDone())), "backend closed")
+        self.assertEqual(
+            describe("backend", Failure(ConnectionDone())), "backend closed"
+        )
 
     def test_tls(self) -> None:
         """A TLS failure says so."""
@@ -367,5 +375,6 @@ class DescribeTests(SynchronousTestCase):
         """Anything else is "<side> error: <message>"."""
         self.assertEqual(
             describe("client", Failure(ConnectionLost("reset"))),
-            "client error: Connection to the other side was lost in a non-clean fashion: reset.",
+            "client error: Connection to the other side was lost"
+            " in a non-clean fashion: reset.",
         )

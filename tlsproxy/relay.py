@@ -95,11 +95,10 @@ class _NoBackend:
     def write(self, data: bytes) -> None:
         raise AssertionError("client data before the TLS handshake completed")
 
-    def loseConnection(self) -> None:
-        pass
-
     def abortConnection(self) -> None:
         pass
+
+    loseConnection = abortConnection
 
 
 class _Connecting:

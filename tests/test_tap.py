@@ -1,0 +1,218 @@
+"""
+Unit tests for the command line: one validated model, one-line errors.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy import tap
+from tlsproxy.relay import Timeouts
+
+from .memory import CA
+
+
+class OptionsTests(SynchronousTestCase):
+    """Every option is checked in postOptions, before twistd chroots."""
+
+    def parse(self, *args: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(args))
+        return options
+
+    def error(self, *args: str) -> str:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(*args)
+        return str(caught.exception)
+
+    def test_defaults(self) -> None:
+        """Only --connect and a certificate are needed; the rest defaults."""
+        options = self.parse("--connect", "tcp:127.0.0.1:80", "--self-signed", "x")
+        config = options.config
+        self.assertEqual(config.listen, "tcp:443")
+        self.assertEqual(config.connect, "tcp:127.0.0.1:80")
+        self.assertEqual(config.timeouts, Timeouts(handshake=30, connect=30, idle=3600))
+        self.assertEqual(config.service, "tlsproxy")
+        assert options.fingerprint is not None
+
+    def test_all_options(self) -> None:
+        """Each option reaches the configuration."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        leaf = CA.issue_cert("localhost")
+        cert = os.path.join(directory, "cert.pem")
+        key = os.path.join(directory, "key.pem")
+        leaf.cert_chain_pems[0].write_to_path(cert)
+        leaf.private_key_pem.write_to_path(key)
+        options = self.parse(
+            "--listen=tcp:8443:interface=127.0.0.1",
+            "--connect=tcp:10.0.0.2:80:bindAddress=10.0.0.3",
+            f"--cert={cert}",
+            f"--key={key}",
+            "--handshake-timeout=1.5",
+            "--connect-timeout=2",
+            "--idle-timeout=60",
+        )
+        config = options.config
+        self.assertEqual(config.listen, "tcp:8443:interface=127.0.0.1")
+        self.assertEqual(config.connect, "tcp:10.0.0.2:80:bindAddress=10.0.0.3")
+        self.assertEqual(config.timeouts, Timeouts(handshake=1.5, connect=2, idle=60))
+        self.assertIsNone(options.fingerprint)
+
+    def test_connect_required(self) -> None:
+        """Without --connect there is nothing to do."""
+        self.assertEqual(
+            self.error("--self-signed", "x"),
+            "--connect is required (for example tcp:127.0.0.1:80)",
+        )
+
+    def test_certificate_required(self) -> None:
+        """Without --cert or --self-signed there is no certificate."""
+        self.assertEqual(
+            self.error("--connect", "tcp:h:1", "--key", "k.pem"),
+            "--cert FILE (or --self-signed NAME) is required",
+        )
+
+    def test_self_signed_alone(self) -> None:
+        """--self-signed does not mix with --cert or --key."""
+        self.assertEqual(
+            self.error("--connect", "tcp:h:1", "--self-signed", "x", "--key", "k"),
+            "--self-signed x: not with --cert or --key",
+        )
+
+    def test_unknown_endpoint(self) -> None:
+        """An endpoint string Twisted does not know is named."""
+        self.assertEqual(
+            self.error("--connect", "bogus:1", "--self-signed", "x"),
+            "--connect bogus:1: Unknown endpoint type: 'bogus'",
+        )
+        self.assertEqual(
+            self.error(
+                "--listen", "bogus:1", "--connect", "tcp:h:1", "--self-signed", "x"
+            ),
+            "--listen bogus:1: Unknown endpoint type: 'bogus'",
+        )
+
+    def test_incomplete_endpoint(self) -> None:
+        """An endpoint string missing its port is named."""
+        self.assertTrue(
+            self.error("--connect", "tcp:host", "--self-signed", "x").startswith(
+                "--connect tcp:host: "
+            )
+        )
+
+    def test_bad_file(self) -> None:
+        """A certificate problem is the option, the value and the reason."""
+        self.assertEqual(
+            self.error("--connect", "tcp:h:1", "--cert", "/nonexistent.pem"),
+            "--cert /nonexistent.pem: No such file or directory",
+        )
+
+    def test_timeouts(self) -> None:
+        """Timeouts are positive, finite numbers of seconds."""
+        base = ("--connect", "tcp:h:1", "--self-signed", "x")
+        self.assertEqual(
+            self.error(*base, "--idle-timeout", "abc"),
+            "--idle-timeout abc: not a number of seconds",
+        )
+        for value in ("0", "-1", "inf", "nan"):
+            self.assertEqual(
+                self.error(*base, "--handshake-timeout", value),
+                f"--handshake-timeout {value}: must be a positive number of seconds",
+            )
+
+
+class StartupTests(SynchronousTestCase):
+    """What twistd does with the service, and how start-up failures read."""
+
+    def options(self, listen: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(
+            ["--listen", listen, "--connect", "tcp:127.0.0.1:1", "--self-signed", "x"]
+        )
+        return options
+
+    def test_service_binds_when_privileged(self) -> None:
+        """The port is bound in privilegedStartService, not before."""
+        self.patch(sys, "excepthook", sys.excepthook)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        service = tap.makeService(self.options(f"tcp:{port}:interface=127.0.0.1"))
+        self.assertTrue(IService.providedBy(service))
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port)).close()
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        socket.create_connection(("127.0.0.1", port)).close()
+
+    def test_port_in_use(self) -> None:
+        """A port that cannot be bound is a one-line StartupError."""
+        self.patch(sys, "excepthook", sys.excepthook)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = f"tcp:{port}:interface=127.0.0.1"
+        service = tap.makeService(self.options(listen))
+        with self.assertRaises(tap.StartupError) as caught:
+            service.privilegedStartService()
+        message = str(caught.exception)
+        self.assertTrue(message.startswith(f"tlsproxy: --listen {listen}: "), message)
+        self.assertIn("Address already in use", message)
+
+    def test_fingerprint_logged(self) -> None:
+        """A self-signed certificate's fingerprint is logged at start-up."""
+        from twisted.logger import globalLogPublisher
+
+        self.patch(sys, "excepthook", sys.excepthook)
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        options = self.options("tcp:0")
+        tap.makeService(options)
+        [event] = [e for e in events if "fingerprint" in e]
+        self.assertEqual(event["fingerprint"], options.fingerprint)
+        self.assertEqual(event["name"], "x")
+
+    def test_no_fingerprint_for_files(self) -> None:
+        """A certificate from files logs no fingerprint line."""
+        from twisted.logger import globalLogPublisher
+
+        self.patch(sys, "excepthook", sys.excepthook)
+        directory = self.mktemp()
+        os.mkdir(directory)
+        path = os.path.join(directory, "both.pem")
+        leaf = CA.issue_cert("localhost")
+        with open(path, "wb") as f:
+            f.write(leaf.cert_chain_pems[0].bytes() + leaf.private_key_pem.bytes())
+        options = tap.Options()
+        options.parseOptions(["--connect", "tcp:127.0.0.1:1", "--cert", path])
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        tap.makeService(options)
+        self.assertEqual([e for e in events if "fingerprint" in e], [])
+
+    def test_one_line_hook(self) -> None:
+        """
+        The exception hook prints a StartupError as its one line and hands
+        anything else to the previous hook.
+        """
+        seen: list[object] = []
+        hook = tap._one_line(lambda *args: seen.append(args[0]))
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        hook(tap.StartupError, tap.StartupError("tlsproxy: broken"), None)
+        self.assertEqual(stderr.getvalue(), "tlsproxy: broken\n")
+        hook(ValueError, ValueError("x"), None)
+        self.assertEqual(seen, [ValueError])

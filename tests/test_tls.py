@@ -1,0 +1,162 @@
+"""
+Unit tests for loading certificates and keys and for the TLS policy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy.tls import (
+    ConfigError,
+    load_certificates,
+    load_server_context,
+    self_signed,
+)
+
+from .memory import CA
+
+
+class FilesTests(SynchronousTestCase):
+    """PEM files: the leaf and its chain, and a key that must match."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.mkdir(self.dir)
+        self.intermediate = CA.create_child_ca()
+        self.leaf = self.intermediate.issue_cert("localhost")
+
+    def write(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def chain_pem(self) -> bytes:
+        return b"".join(blob.bytes() for blob in self.leaf.cert_chain_pems)
+
+    def error(self, cert: str, key: str | None = None) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            load_server_context(cert, key)
+        return str(caught.exception)
+
+    def test_chain_order(self) -> None:
+        """The leaf comes first and the chain follows it, as in the file."""
+        chain = load_certificates(self.write("cert.pem", self.chain_pem()))
+        self.assertEqual(len(chain), 2)
+        self.assertEqual(
+            chain[0].public_bytes(serialization.Encoding.PEM),
+            self.leaf.cert_chain_pems[0].bytes(),
+        )
+
+    def test_key_in_cert_file(self) -> None:
+        """Without a key file the key is read from the certificate's file."""
+        path = self.write(
+            "both.pem", self.chain_pem() + self.leaf.private_key_pem.bytes()
+        )
+        context = load_server_context(path)
+        self.assertIsInstance(context, SSL.Context)
+
+    def test_missing_file(self) -> None:
+        """A missing certificate file is named with the system's reason."""
+        path = os.path.join(self.dir, "nothing.pem")
+        self.assertEqual(self.error(path), f"--cert {path}: No such file or directory")
+
+    def test_directory(self) -> None:
+        """A directory given as the key is refused by name."""
+        cert = self.write("cert.pem", self.chain_pem())
+        self.assertEqual(
+            self.error(cert, self.dir), f"--key {self.dir}: Is a directory"
+        )
+
+    def test_garbage_certificate(self) -> None:
+        """A file without a PEM certificate is refused."""
+        path = self.write("cert.pem", b"garbage\n")
+        self.assertEqual(self.error(path), f"--cert {path}: no PEM certificate found")
+
+    def test_garbage_key(self) -> None:
+        """A key file without a PEM key is refused, with the reason."""
+        cert = self.write("cert.pem", self.chain_pem())
+        key = self.write("key.pem", b"garbage\n")
+        self.assertTrue(
+            self.error(cert, key).startswith(
+                f"--key {key}: not a usable PEM private key"
+            )
+        )
+
+    def test_encrypted_key(self) -> None:
+        """An encrypted key is refused: there is nobody to type a passphrase."""
+        cert = self.write("cert.pem", self.chain_pem())
+        loaded = serialization.load_pem_private_key(
+            self.leaf.private_key_pem.bytes(), None
+        )
+        encrypted = loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+        key = self.write("key.pem", encrypted)
+        self.assertEqual(
+            self.error(cert, key),
+            f"--key {key}: not a usable PEM private key "
+            "(Password was not given but private key is encrypted)",
+        )
+
+    def test_mismatched_key(self) -> None:
+        """A key that is not the certificate's is refused."""
+        cert = self.write("cert.pem", self.chain_pem())
+        other = trustme.CA().issue_cert("localhost").private_key_pem.bytes()
+        key = self.write("key.pem", other)
+        self.assertEqual(
+            self.error(cert, key), f"--cert {cert} --key {key}: key values mismatch"
+        )
+
+
+class SelfSignedTests(SynchronousTestCase):
+    """Throwaway certificates for trying tlsproxy out."""
+
+    def test_dns_name(self) -> None:
+        """A name becomes the DNS name; the fingerprint is the certificate's."""
+        made = self_signed("example.test")
+        certificate = SSL.Connection(made.context).get_certificate()
+        assert certificate is not None
+        crypto = certificate.to_cryptography()
+        names = crypto.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        self.assertEqual(
+            names.value.get_values_for_type(x509.DNSName), ["example.test"]
+        )
+        digest = crypto.fingerprint(hashes.SHA256()).hex().upper()
+        self.assertEqual(made.fingerprint.replace(":", ""), digest)
+        self.assertEqual(len(made.fingerprint), 95)
+
+    def test_ip_address(self) -> None:
+        """An IP address becomes an IP address name."""
+        certificate = SSL.Connection(self_signed("127.0.0.1").context).get_certificate()
+        assert certificate is not None
+        names = certificate.to_cryptography().extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        self.assertEqual(
+            [str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)],
+            ["127.0.0.1"],
+        )
+
+
+class PolicyTests(SynchronousTestCase):
+    """The context's settings that a scanner looks at."""
+
+    def test_options(self) -> None:
+        """No compression, no renegotiation, the server's cipher order."""
+        context = self_signed("localhost").context
+        options = context.set_options(0)
+        for option in (
+            SSL.OP_NO_COMPRESSION,
+            SSL.OP_NO_RENEGOTIATION,
+            SSL.OP_CIPHER_SERVER_PREFERENCE,
+        ):
+            self.assertTrue(options & option, option)
