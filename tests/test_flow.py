@@ -116,9 +116,8 @@ class BoundTests(TestCase):
     @inlineCallbacks
     def relay(self, backend: Protocol, client: Protocol) -> Generator[Any, Any, Any]:
         """Listen for the backend, start the proxy, connect the client."""
-        backend_port = yield TCP4ServerEndpoint(
-            reactor, 0, interface="127.0.0.1"
-        ).listen(Factory.forProtocol(lambda: backend))
+        loopback = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        backend_port = yield loopback.listen(Factory.forProtocol(lambda: backend))
         self.addCleanup(backend_port.stopListening)
         relay = RelayFactory(
             connect=TCP4ClientEndpoint(
