@@ -4,6 +4,9 @@ Unit tests for the proxy pair, in memory: real TLS handshakes, a fake clock.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from OpenSSL import SSL
 from twisted.internet.error import (
     ConnectionDone,
@@ -346,6 +349,27 @@ class TimeoutTests(SynchronousTestCase):
         pair.flush()
         self.assertEqual(pair.records[-1].reason, "idle timeout")
         self.assertEqual(len(pair.records), 2)
+
+    def test_nothing_left(self) -> None:
+        """
+        A closed connection leaves nothing of the pair alive: no timer, no
+        reference from the factories.
+        """
+        pair = Pair(self.timeouts)
+        pair.flush()
+        pair.connect_backend()
+        client_side = weakref.ref(pair.server.wrappedProtocol)
+        backend_side = weakref.ref(pair.backend_io.protocol)
+        protocols = pair.server.factory.protocols
+        pair.client_tls.write(b"x")
+        pair.backend.transport.loseConnection()
+        pair.flush()
+        self.assertEqual(len(pair.records), 2)
+        del pair
+        gc.collect()
+        self.assertIsNone(client_side())
+        self.assertIsNone(backend_side())
+        self.assertEqual(protocols, {})
 
     def test_no_timer_left(self) -> None:
         """A closed connection leaves no timer behind."""
