@@ -392,8 +392,15 @@ class DescribeTests(SynchronousTestCase):
 
     def test_tls(self) -> None:
         """A TLS failure says so."""
-        reason = describe("client", Failure(SSL.Error([("SSL routines", "", "bad")])))
-        self.assertEqual(reason, "TLS error: [('SSL routines', '', 'bad')]")
+        error = SSL.Error([("SSL routines", "", "http request"), ("x", "", "more")])
+        reason = describe("client", Failure(error))
+        self.assertEqual(reason, "TLS error: http request, more")
+
+    def test_tls_without_queue(self) -> None:
+        """A TLS failure without OpenSSL's error queue is shown as it is."""
+        reason = describe("client", Failure(SSL.SysCallError(104, "ECONNRESET")))
+        self.assertEqual(reason, "TLS error: (104, 'ECONNRESET')")
+        self.assertEqual(describe("client", Failure(SSL.Error())), "TLS error: ")
 
     def test_other(self) -> None:
         """Anything else is "<side> error: <message>"."""
