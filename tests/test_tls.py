@@ -107,6 +107,21 @@ class FilesTests(SynchronousTestCase):
             "(Password was not given but private key is encrypted)",
         )
 
+    def test_unusable_key_type(self) -> None:
+        """A key OpenSSL cannot sign with (X25519) is refused by name."""
+        from cryptography.hazmat.primitives.asymmetric import x25519
+
+        cert = self.write("cert.pem", self.chain_pem())
+        pem = x25519.X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        key = self.write("key.pem", pem)
+        self.assertTrue(
+            self.error(cert, key).startswith(f"--cert {cert} --key {key}: ")
+        )
+
     def test_mismatched_key(self) -> None:
         """A key that is not the certificate's is refused."""
         cert = self.write("cert.pem", self.chain_pem())

@@ -44,6 +44,7 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from .record import ConnectionRecord, RecordObserver, host_port
+from .tls import openssl_reasons
 
 
 @attrs.frozen(kw_only=True)
@@ -149,16 +150,8 @@ def describe(side: str, reason: Failure) -> str:
     if reason.check(ConnectionDone):
         return f"{side} closed"
     if reason.check(SSL.Error):
-        return f"TLS error: {_openssl_reasons(typing.cast(SSL.Error, reason.value))}"
+        return f"TLS error: {openssl_reasons(typing.cast(SSL.Error, reason.value))}"
     return f"{side} error: {reason.getErrorMessage()}"
-
-
-def _openssl_reasons(error: SSL.Error) -> str:
-    """OpenSSL's reason strings ("wrong version number"), else the error."""
-    queue = error.args[0] if error.args else None
-    if isinstance(queue, list) and queue:
-        return ", ".join(str(entry[-1]) for entry in queue)
-    return str(error)
 
 
 def _text(value: bytes | None) -> str | None:

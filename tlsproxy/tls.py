@@ -129,9 +129,17 @@ def load_server_context(cert_path: str, key_path: str | None = None) -> SSL.Cont
     key = load_key(key_path)
     try:
         return server_context(chain, key)
-    except SSL.Error as e:
-        reason = e.args[0][0][2]  # OpenSSL's reason, e.g. "key values mismatch"
+    except (SSL.Error, TypeError) as e:  # TypeError: a key type OpenSSL won't use
+        reason = openssl_reasons(e)
         raise ConfigError(f"--cert {cert_path} --key {key_path}: {reason}") from None
+
+
+def openssl_reasons(error: Exception) -> str:
+    """OpenSSL's reason strings ("key values mismatch"), else the error."""
+    queue = error.args[0] if error.args else None
+    if isinstance(queue, list) and queue:
+        return ", ".join(str(entry[-1]) for entry in queue)
+    return str(error)
 
 
 @attrs.frozen
