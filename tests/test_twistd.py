@@ -717,7 +717,33 @@ class TimeoutTests(TestCase):
         A backend that never answers the TCP handshake is abandoned after
         --connect-timeout.
         """
-        raise SkipTest("no reliable blackhole on loopback; unit-tested instead")
+        # A listening socket with a backlog of 0 and one connection queued
+        # drops further SYNs on Linux: a black hole on loopback.
+        hole = socket.socket()
+        self.addCleanup(hole.close)
+        hole.bind((HOST, 0))
+        hole.listen(0)
+        queued = socket.create_connection((HOST, port_of(hole)))
+        self.addCleanup(queued.close)
+        proxy = start_proxy(
+            self,
+            "--self-signed",
+            "localhost",
+            "--connect",
+            f"tcp:{HOST}:{port_of(hole)}",
+            "--connect-timeout",
+            "1",
+        )
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with tls_connect(proxy.port, context) as sock:
+            started = time.monotonic()
+            wait_for_end(sock)
+            elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.9)
+        self.assertLess(elapsed, 10)
+        proxy.wait_for_log(r"closed: backend connect timeout")
 
 
 class SessionResumptionTests(TestCase):
