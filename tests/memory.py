@@ -16,6 +16,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate as TwistedCertificate
@@ -45,16 +46,21 @@ def leaf_context() -> SSL.Context:
     return server_context(chain, key)
 
 
+@implementer(ITCPTransport)
 class Transport(iosim.FakeTransport):  # type: ignore[misc]
     """
     iosim's transport, with what the relay's contract is about: an abort is
     reported as one (to both ends) and drops unsent bytes, as TCP's does,
-    and pausing is visible.
+    and pausing and Nagle's algorithm are visible.
     """
 
     peer: Transport
     aborted = False
     paused = False
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
 
     def abortConnection(self) -> None:
         self.aborted = True

@@ -16,7 +16,7 @@ from twisted.internet.error import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.relay import Timeouts, _Throttle, describe
+from tlsproxy.relay import Timeouts, _no_delay, _Throttle, describe
 
 from .memory import DEFAULTS, Pair, Transport
 
@@ -89,6 +89,16 @@ class RelayTests(SynchronousTestCase):
         self.assertIsNone(record.alpn)
         self.assertIsNone(record.closed)
         self.assertIsNone(record.reason)
+
+    def test_no_delay(self) -> None:
+        """Both TCP connections send small writes at once (no Nagle)."""
+        pair = Pair()
+        pair.flush()
+        pair.connect_backend()
+        self.assertTrue(pair.server_io.no_delay)
+        self.assertTrue(pair.backend_io.no_delay)
+        self.assertFalse(pair.client_tls.transport.no_delay)
+        _no_delay(object())  # not TCP (a UNIX socket): nothing to set
 
     def test_each_connection_has_its_own_id(self) -> None:
         """Two connections get different record ids."""

@@ -36,6 +36,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -154,6 +155,16 @@ def describe(side: str, reason: Failure) -> str:
     return f"{side} error: {reason.getErrorMessage()}"
 
 
+def _no_delay(transport: object) -> None:
+    """
+    Send small writes at once on a TCP transport, as stunnel does: with
+    Nagle's algorithm a response that follows the session tickets waits for
+    the client's delayed ACK (40 ms a connection).
+    """
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode("ascii", "replace") if value else None
 
@@ -207,6 +218,7 @@ class ClientSide(Protocol):
     @override
     def connectionMade(self) -> None:
         relay = self._relay
+        _no_delay(self.transport)
         client_host, client_port = host_port(self.transport.getPeer())
         listen_host, listen_port = host_port(self.transport.getHost())
         self._record = ConnectionRecord(
@@ -260,6 +272,7 @@ class ClientSide(Protocol):
             _Transport, typing.cast(_BackendSide, backend).transport
         )
         self._backend = transport
+        _no_delay(transport)
         transport.writeSequence(pending.chunks)
         local_host, local_port = host_port(transport.getHost())
         backend_host, backend_port = host_port(transport.getPeer())

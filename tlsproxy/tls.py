@@ -106,6 +106,9 @@ def server_context(chain: list[x509.Certificate], key: PrivateKeyTypes) -> SSL.C
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(_OPTIONS)
+    # Free a connection's read and write buffers while idle: 29 KiB per idle
+    # connection instead of 50 (bench/bench.py), at no cost in throughput.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
     context.set_session_id(b"tlsproxy")
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
