@@ -8,7 +8,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.record import ConnectionRecord, host_port, log_close
+from tlsproxy.record import ConnectionRecord, fan_out, host_port, log_close
 
 
 class HostPortTests(SynchronousTestCase):
@@ -27,6 +27,29 @@ class HostPortTests(SynchronousTestCase):
             host_port(UNIXAddress(b"/run/app.sock")), ("/run/app.sock", None)
         )
         self.assertEqual(host_port(UNIXAddress(None)), (None, None))
+
+
+class FanOutTests(SynchronousTestCase):
+    """Several observers see the same records."""
+
+    def test_in_order(self) -> None:
+        """Each record goes to every observer, in the order given."""
+        seen: list[tuple[str, str]] = []
+        observe = fan_out(
+            [lambda r: seen.append(("a", r.id)), lambda r: seen.append(("b", r.id))]
+        )
+        record = ConnectionRecord(
+            event="open",
+            id="x",
+            service="s",
+            client_host=None,
+            client_port=None,
+            listen_host=None,
+            listen_port=None,
+            opened=0.0,
+        )
+        observe(record)
+        self.assertEqual(seen, [("a", "x"), ("b", "x")])
 
 
 class LogCloseTests(SynchronousTestCase):

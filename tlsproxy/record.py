@@ -50,6 +50,16 @@ class ConnectionRecord:
 RecordObserver = Callable[[ConnectionRecord], None]
 
 
+def fan_out(observers: list[RecordObserver]) -> RecordObserver:
+    """One observer that hands each record to all of C{observers}, in order."""
+
+    def observe(record: ConnectionRecord) -> None:
+        for observer in observers:
+            observer(record)
+
+    return observe
+
+
 def host_port(address: IAddress) -> tuple[str | None, int | None]:
     """
     The host and port of an address; a UNIX socket has its path as host and

@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from typing_extensions import override
 
+from .connlog import ConnectionLog
+from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
 from .service import ProxyConfig, proxy_service
 from .tls import ConfigError, load_server_context, self_signed
@@ -68,6 +70,7 @@ class Options(usage.Options):
         ["handshake-timeout", None, "30", "Seconds for the TLS handshake."],
         ["connect-timeout", None, "30", "Seconds to connect to the backend."],
         ["idle-timeout", None, "3600", "Seconds without traffic before closing."],
+        ["connection-log", None, None, "Append a JSON line per record to FILE."],
     ]
 
     fingerprint: str | None = None
@@ -82,7 +85,7 @@ class Options(usage.Options):
     def _config(self) -> ProxyConfig:
         if self["connect"] is None:
             raise ConfigError("--connect is required (for example tcp:127.0.0.1:80)")
-        return ProxyConfig(
+        config = ProxyConfig(
             listen=_endpoint("--listen", self["listen"], serverFromString),
             connect=_endpoint("--connect", self["connect"], clientFromString),
             context=self._context(),
@@ -92,6 +95,11 @@ class Options(usage.Options):
                 idle=_seconds("--idle-timeout", self["idle-timeout"]),
             ),
         )
+        # Last: nothing is created on disk for a command line that fails.
+        self.observers: list[RecordObserver] = [log_close]
+        if self["connection-log"] is not None:
+            self.observers.append(ConnectionLog.open(self["connection-log"]))
+        return config
 
     def _context(self) -> SSL.Context:
         name = self["self-signed"]
@@ -157,4 +165,5 @@ def makeService(options: Options) -> IService:
             name=options["self-signed"],
             fingerprint=options.fingerprint,
         )
-    return _Startup(options["listen"], proxy_service(options.config, reactor))
+    service = proxy_service(options.config, reactor, fan_out(options.observers))
+    return _Startup(options["listen"], service)
