@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory, Timeouts
 from tlsproxy.tls import ServerTLS, server_context
@@ -136,7 +137,12 @@ class Pair:
     BACKEND_LOCAL = IPv4Address("TCP", "127.0.0.2", 40001)
     BACKEND = IPv4Address("TCP", "127.0.0.3", 8080)
 
-    def __init__(self, timeouts: Timeouts = DEFAULTS, **client_options: Any) -> None:
+    def __init__(
+        self,
+        timeouts: Timeouts = DEFAULTS,
+        header: HeaderEncoder = no_header,
+        **client_options: Any,
+    ) -> None:
         self.clock = Clock()
         self.records: list[ConnectionRecord] = []
         self.endpoint = Endpoint()
@@ -146,6 +152,7 @@ class Pair:
             observe=self.records.append,
             timeouts=timeouts,
             service="test",
+            header=header,
         )
         server_factory = TLSMemoryBIOFactory(
             ServerTLS(leaf_context()), False, relay, self.clock

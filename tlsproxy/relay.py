@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
+from .proxyheader import HeaderEncoder, no_header
 from .record import ConnectionRecord, RecordObserver, host_port
 from .tls import openssl_reasons
 
@@ -183,12 +184,14 @@ class RelayFactory(ServerFactory):
         observe: RecordObserver,
         timeouts: Timeouts,
         service: str,
+        header: HeaderEncoder = no_header,
     ) -> None:
         self.connect = connect
         self.clock = clock
         self.observe = observe
         self.timeouts = timeouts
         self.service = service
+        self.header = header
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> ClientSide:
@@ -273,7 +276,6 @@ class ClientSide(Protocol):
         )
         self._backend = transport
         _no_delay(transport)
-        transport.writeSequence(pending.chunks)
         local_host, local_port = host_port(transport.getHost())
         backend_host, backend_port = host_port(transport.getPeer())
         self._record = attrs.evolve(
@@ -283,6 +285,8 @@ class ClientSide(Protocol):
             backend_host=backend_host,
             backend_port=backend_port,
         )
+        # The PROXY header (if any) first, then what the client sent meanwhile.
+        transport.writeSequence([self._relay.header(self._record), *pending.chunks])
         self._relay.observe(self._counted(event="open"))
         if pending.closing:
             # The client finished while we connected: deliver, then FIN.

@@ -16,6 +16,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, log_close
 from .relay import RelayFactory, Timeouts
 from .tls import ServerTLS
@@ -26,7 +27,8 @@ class ProxyConfig:
     """
     One proxy service: accept TLS on C{listen} (a server endpoint string),
     with C{context}, and relay each connection to C{connect} (a client
-    endpoint string).
+    endpoint string), after C{header} (a PROXY protocol header encoder from
+    L{tlsproxy.proxyheader}, or none).
     """
 
     listen: str
@@ -34,6 +36,7 @@ class ProxyConfig:
     context: SSL.Context
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     service: str = "tlsproxy"
+    header: HeaderEncoder = no_header
 
 
 def proxy_service(
@@ -57,6 +60,7 @@ def proxy_service(
         observe=observe,
         timeouts=config.timeouts,
         service=config.service,
+        header=config.header,
     )
     tls = TLSMemoryBIOFactory(ServerTLS(config.context), False, relay, clock)
     return strports.service(config.listen, tls, reactor=reactor)

@@ -24,6 +24,7 @@ from twisted.python import usage
 from typing_extensions import override
 
 from .connlog import ConnectionLog
+from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
 from .service import ProxyConfig, proxy_service
@@ -71,6 +72,7 @@ class Options(usage.Options):
         ["connect-timeout", None, "30", "Seconds to connect to the backend."],
         ["idle-timeout", None, "3600", "Seconds without traffic before closing."],
         ["connection-log", None, None, "Append a JSON line per record to FILE."],
+        ["proxy-protocol", None, None, "Send a PROXY header to the backend: v1|v2."],
     ]
 
     fingerprint: str | None = None
@@ -94,12 +96,21 @@ class Options(usage.Options):
                 connect=_seconds("--connect-timeout", self["connect-timeout"]),
                 idle=_seconds("--idle-timeout", self["idle-timeout"]),
             ),
+            header=self._header(),
         )
         # Last: nothing is created on disk for a command line that fails.
         self.observers: list[RecordObserver] = [log_close]
         if self["connection-log"] is not None:
             self.observers.append(ConnectionLog.open(self["connection-log"]))
         return config
+
+    def _header(self) -> HeaderEncoder:
+        version = self["proxy-protocol"]
+        if version is None:
+            return no_header
+        if version not in ENCODERS:
+            raise ConfigError(f"--proxy-protocol {version}: must be v1 or v2")
+        return ENCODERS[version]
 
     def _context(self) -> SSL.Context:
         name = self["self-signed"]
