@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate as TwistedCertificate
 from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.task import Clock
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -83,11 +84,16 @@ def connect(
     clock: Clock,
     server_address: IPv4Address,
     client_address: IPv4Address,
+    preamble: bytes = b"",
 ) -> iosim.IOPump:
-    """Connect two protocols in memory; the pump is not run yet."""
+    """
+    Connect two protocols in memory, the client's first bytes being
+    C{preamble}; the pump is not run yet.
+    """
     server_io = Transport(server, True, server_address, client_address)
     client_io = Transport(client, False, client_address, server_address)
     server_io.peer, client_io.peer = client_io, server_io
+    client_io.write(preamble)
     return iosim.connect(server, server_io, client, client_io, greet=False, clock=clock)
 
 
@@ -141,8 +147,14 @@ class Pair:
         self,
         timeouts: Timeouts = DEFAULTS,
         header: HeaderEncoder = no_header,
+        balancer: bytes | None = None,
         **client_options: Any,
     ) -> None:
+        """
+        @param balancer: if given, the proxy listens behind a front balancer
+            (C{haproxy:}), and the client sends these bytes (a PROXY header)
+            before TLS.
+        """
         self.clock = Clock()
         self.records: list[ConnectionRecord] = []
         self.endpoint = Endpoint()
@@ -166,11 +178,19 @@ class Pair:
             Factory.forProtocol(Recorder),
             self.clock,
         )
-        self.server = server_factory.buildProtocol(self.CLIENT)
+        listening = server_factory
+        if balancer is not None:
+            listening = HAProxyWrappingFactory(server_factory)
+        self.server = listening.buildProtocol(self.CLIENT)
         self.client_tls = client_factory.buildProtocol(self.LISTEN)
         self.client: Recorder = self.client_tls.wrappedProtocol
         self.pump = connect(
-            self.server, self.client_tls, self.clock, self.LISTEN, self.CLIENT
+            self.server,
+            self.client_tls,
+            self.clock,
+            self.LISTEN,
+            self.CLIENT,
+            balancer or b"",
         )
         self.backend = Recorder()
         self.backend_pump: iosim.IOPump | None = None

@@ -36,6 +36,8 @@ FIELDS = [
     "client_port",
     "listen_host",
     "listen_port",
+    "balancer_host",
+    "balancer_port",
     "backend_local_host",
     "backend_local_port",
     "backend_host",

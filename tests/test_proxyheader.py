@@ -164,6 +164,66 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(no_header(IPV4), b"")
 
 
+class BalancerTests(SynchronousTestCase):
+    """
+    Behind a front balancer (--listen haproxy:...): the client is the one
+    its PROXY header names, and is passed on to the backend.
+    """
+
+    def test_client_from_header(self) -> None:
+        """
+        The record's client and listening address are the header's; the
+        balancer's own address has its own fields; a PROXY header to the
+        backend names the original client.
+        """
+        pair = Pair(
+            header=v1, balancer=b"PROXY TCP4 203.0.113.9 198.51.100.1 4711 443\r\n"
+        )
+        pair.flush()
+        pair.connect_backend()
+        pair.flush()
+        record = pair.records[0]
+        self.assertEqual(
+            (record.client_host, record.client_port), ("203.0.113.9", 4711)
+        )
+        self.assertEqual(
+            (record.listen_host, record.listen_port), ("198.51.100.1", 443)
+        )
+        self.assertEqual(
+            (record.balancer_host, record.balancer_port), ("192.0.2.7", 50123)
+        )
+        self.assertEqual(
+            pair.backend.data, b"PROXY TCP4 203.0.113.9 198.51.100.1 4711 443\r\n"
+        )
+
+    def test_client_from_header_on_failure(self) -> None:
+        """A client lost in its handshake is still the header's client."""
+        pair = Pair(balancer=b"PROXY TCP4 203.0.113.9 198.51.100.1 4711 443\r\n")
+        pair.pump.pump()  # the header and the ClientHello
+        pair.client_tls.transport.abortConnection()
+        pair.flush()
+        [record] = pair.records
+        self.assertEqual(record.client_host, "203.0.113.9")
+        self.assertEqual(record.balancer_host, "192.0.2.7")
+
+    def test_no_header(self) -> None:
+        """A connection without a valid header is closed and logged as such."""
+        pair = Pair(balancer=b"")
+        pair.flush()
+        [record] = pair.records
+        self.assertEqual(record.reason, "no valid PROXY header")
+        self.assertEqual((record.client_host, record.balancer_host), ("192.0.2.7",) * 2)
+        self.assertEqual(pair.endpoint.attempts, [])
+
+    def test_not_behind_balancer(self) -> None:
+        """Without a front balancer the balancer fields are null."""
+        pair = Pair()
+        pair.flush()
+        pair.connect_backend()
+        record = pair.records[0]
+        self.assertEqual((record.balancer_host, record.balancer_port), (None, None))
+
+
 class OptionTests(SynchronousTestCase):
     """--proxy-protocol v1|v2."""
 

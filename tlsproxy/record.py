@@ -26,10 +26,12 @@ class ConnectionRecord:
     event: str
     id: str
     service: str
-    client_host: str | None
-    client_port: int | None
-    listen_host: str | None
-    listen_port: int | None
+    client_host: str | None = None
+    client_port: int | None = None
+    listen_host: str | None = None
+    listen_port: int | None = None
+    balancer_host: str | None = None
+    balancer_port: int | None = None
     backend_local_host: str | None = None
     backend_local_port: int | None = None
     backend_host: str | None = None

@@ -39,6 +39,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -166,6 +167,16 @@ def _no_delay(transport: object) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _without_proxy_header(transport: TLSMemoryBIOProtocol) -> bool:
+    """
+    Whether C{transport} came through a front balancer (C{--listen
+    haproxy:...}) that sent no valid PROXY header: Twisted's wrapper then
+    closes the connection before TLS sees a byte.
+    """
+    below = transport.transport
+    return isinstance(below, HAProxyProtocolWrapper) and below._proxyInfo is None
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode("ascii", "replace") if value else None
 
@@ -222,24 +233,50 @@ class ClientSide(Protocol):
     def connectionMade(self) -> None:
         relay = self._relay
         _no_delay(self.transport)
-        client_host, client_port = host_port(self.transport.getPeer())
-        listen_host, listen_port = host_port(self.transport.getHost())
         self._record = ConnectionRecord(
             event="open",
             id=uuid.uuid4().hex,
             service=relay.service,
-            client_host=client_host,
-            client_port=client_port,
-            listen_host=listen_host,
-            listen_port=listen_port,
             opened=relay.clock.seconds(),
         )
+        self._note_addresses()
         # One timer for the whole connection: its period and reason change
         # from handshake to connect to idle.
         self._period = relay.timeouts.handshake
         self._timeout_reason = "handshake timeout"
         self._deadline: IDelayedCall = relay.clock.callLater(
             self._period, self._timed_out
+        )
+
+    def _note_addresses(self) -> None:
+        """
+        Put the client's and the listening address in the record.  Behind a
+        front balancer (C{--listen haproxy:...}) they come from its PROXY
+        header, which has certainly arrived once the handshake is done.
+        """
+        listen_host, listen_port = host_port(self.transport.getHost())
+        self._record = attrs.evolve(
+            self._record, listen_host=listen_host, listen_port=listen_port
+        )
+        self._note_peer()
+
+    def _note_peer(self) -> None:
+        """
+        Put the client's address in the record, and a front balancer's own
+        in C{balancer_host}/C{balancer_port}.  (Unlike the listening
+        address, the peers can still be read once the connection is lost.)
+        """
+        client_host, client_port = host_port(self.transport.getPeer())
+        below = self.transport.transport
+        balancer: tuple[str | None, int | None] = (None, None)
+        if isinstance(below, HAProxyProtocolWrapper):
+            balancer = host_port(below.transport.getPeer())
+        self._record = attrs.evolve(
+            self._record,
+            client_host=client_host,
+            client_port=client_port,
+            balancer_host=balancer[0],
+            balancer_port=balancer[1],
         )
 
     def _arm(self, period: float, reason: str) -> None:
@@ -252,6 +289,7 @@ class ClientSide(Protocol):
         Note the TLS facts, hold the client's further bytes, and connect to
         the backend.
         """
+        self._note_addresses()
         tls = self.transport.getHandle()
         self._record = attrs.evolve(
             self._record,
@@ -335,7 +373,12 @@ class ClientSide(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._deadline.active():
             self._deadline.cancel()
-        self._note(describe("client", reason))
+        self._note_peer()  # a PROXY header may have come without a handshake
+        self._note(
+            "no valid PROXY header"
+            if _without_proxy_header(self.transport)
+            else describe("client", reason)
+        )
         self._side_closed()  # first, so that the backend sees the client gone
         if reason.check(ConnectionDone):
             self._backend.loseConnection()
