@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import pwd
 import re
@@ -472,6 +473,26 @@ class JailTests(TestCase):
         proxy = self.start(daemon=False)
         self.assert_jailed(proxy)
         self.assert_relays(proxy)
+
+    def test_connection_log_outside_jail(self) -> None:
+        """
+        The connection log stays outside the jail, written through the file
+        opened before chroot, and logrotate's copytruncate works on it: the
+        next record starts the truncated file.
+        """
+        log = temp_dir(self) / "connections.log"
+        proxy = self.start("--connection-log", str(log))
+        self.assertEqual(get_hello(proxy, self.certs), HELLO)
+        proxy.wait_for_closes(1)
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        self.assertEqual([r["event"] for r in records], ["open", "close"])
+        os.truncate(log, 0)
+        self.assertEqual(get_hello(proxy, self.certs), HELLO)
+        proxy.wait_for_closes(2)
+        data = log.read_bytes()
+        self.assertTrue(data.startswith(b'{"event":"open"'), data[:40])
+        self.assertEqual(len(data.splitlines()), 2)
+        self.assertEqual(os.stat(log).st_uid, 0)
 
     def test_faults_inside_jail(self) -> None:
         """
