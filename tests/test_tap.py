@@ -11,7 +11,7 @@ import sys
 
 from twisted.application.service import IService
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tlsproxy import tap
 from tlsproxy.relay import Timeouts
@@ -129,8 +129,11 @@ class OptionsTests(SynchronousTestCase):
             )
 
 
-class StartupTests(SynchronousTestCase):
-    """What twistd does with the service, and how start-up failures read."""
+class StartupTests(TestCase):
+    """
+    What twistd does with the service, and how start-up failures read.
+    (Trial's reactor runs here, so that a stopped port closes its socket.)
+    """
 
     def options(self, listen: str) -> tap.Options:
         options = tap.Options()
