@@ -6,12 +6,13 @@ The names here are the embedding API (see README.rst, "Embedding").
 
 from .record import ConnectionRecord, log_close
 from .relay import Timeouts
-from .service import ProxyConfig, proxy_service
+from .service import Limits, ProxyConfig, proxy_service
 from .tls import ConfigError, load_server_context, self_signed
 
 __all__ = [
     "ConfigError",
     "ConnectionRecord",
+    "Limits",
     "ProxyConfig",
     "Timeouts",
     "load_server_context",

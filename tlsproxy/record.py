@@ -62,7 +62,7 @@ def fan_out(observers: list[RecordObserver]) -> RecordObserver:
     return observe
 
 
-def host_port(address: IAddress) -> tuple[str | None, int | None]:
+def host_port(address: IAddress | None) -> tuple[str | None, int | None]:
     """
     The host and port of an address; a UNIX socket has its path as host and
     no port, and an unnamed one has neither.

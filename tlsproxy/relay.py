@@ -386,7 +386,11 @@ class ClientSide(Protocol):
             self._backend.abortConnection()
 
     def _timed_out(self) -> None:
-        self._note(self._timeout_reason)
+        self.abort(self._timeout_reason)
+
+    def abort(self, reason: str) -> None:
+        """End the connection now, both sides, for C{reason} (first wins)."""
+        self._note(reason)
         self.transport.abortConnection()
         self._backend.abortConnection()
 

@@ -8,18 +8,43 @@ This is the public way to embed tlsproxy in another Twisted application
 
 from __future__ import annotations
 
+import math
+import typing
+from collections import Counter
+
 import attrs
 from OpenSSL import SSL
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorCore, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from typing_extensions import override
 
 from .proxyheader import HeaderEncoder, no_header
-from .record import RecordObserver, log_close
-from .relay import RelayFactory, Timeouts
+from .record import RecordObserver, host_port, log_close
+from .relay import ClientSide, RelayFactory, Timeouts
 from .tls import ServerTLS
+
+_log = Logger(namespace="tlsproxy")
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """
+    At most C{total} live connections, C{per_client} from one address
+    (C{math.inf}: no limit), refusals logged once per C{report} seconds at
+    most, and C{drain} seconds for live connections to finish on stop.
+    """
+
+    total: float = math.inf
+    per_client: float = math.inf
+    report: float = 10.0
+    drain: float = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -37,6 +62,110 @@ class ProxyConfig:
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     service: str = "tlsproxy"
     header: HeaderEncoder = no_header
+    limits: Limits = attrs.field(factory=Limits)
+
+
+class _Refused(Protocol):
+    """A connection over a limit: closed at once, before any TLS byte."""
+
+    @override
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class LimitedTLSFactory(TLSMemoryBIOFactory):
+    """
+    Twisted's TLS factory, counting its live connections: past C{total}
+    live connections, or C{per_client} from one address, a new connection is
+    accepted and closed at once; the refusals are counted and logged once
+    per C{report} seconds at most.
+    """
+
+    def __init__(
+        self,
+        context: SSL.Context,
+        relay: RelayFactory,
+        clock: IReactorTime,
+        limits: Limits,
+    ) -> None:
+        super().__init__(ServerTLS(context), False, relay, clock)
+        self._limits = limits
+        self._hosts: dict[IProtocol, str | None] = {}
+        self._per_client: Counter[str | None] = Counter()
+        self.refused = 0
+        self._unreported = 0
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
+        # (Twisted's ports take any protocol, not only TLS ones.)
+        host = host_port(addr)[0]
+        if (
+            len(self.protocols) >= self._limits.total
+            or self._per_client[host] >= self._limits.per_client
+        ):
+            self.refused += 1
+            self._unreported += 1
+            if self._unreported == 1:
+                self._clock.callLater(self._limits.report, self._report)
+            return _Refused()
+        protocol = super().buildProtocol(addr)
+        self._hosts[protocol] = host
+        self._per_client[host] += 1
+        return protocol
+
+    @override
+    def unregisterProtocol(self, protocol: IProtocol) -> None:
+        super().unregisterProtocol(protocol)  # type: ignore[no-untyped-call]
+        host = self._hosts.pop(protocol)
+        self._per_client[host] -= 1
+        if not self._per_client[host]:
+            del self._per_client[host]
+
+    def _report(self) -> None:
+        _log.warn(
+            "refused {count} connection(s) over the limits in {seconds} s"
+            " ({live} live now)",
+            count=self._unreported,
+            seconds=self._limits.report,
+            live=len(self.protocols),
+        )
+        self._unreported = 0
+
+
+class ProxyService(MultiService):
+    """
+    The listening service, and on stop a drain: stop accepting, let live
+    connections finish for C{drain} seconds, then abort the rest.
+    """
+
+    def __init__(
+        self,
+        listening: IService,
+        tls: LimitedTLSFactory,
+        clock: IReactorTime,
+        drain: float,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        listening.setServiceParent(self)
+        self.tls = tls
+        self._clock = clock
+        self._drain = drain
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService()  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self._drained(stopped))
+
+    async def _drained(self, stopped: Deferred[object]) -> None:
+        await stopped
+        deadline = self._clock.seconds() + self._drain
+        while self.tls.protocols and self._clock.seconds() < deadline:
+            await deferLater(self._clock, 0.05, lambda: None)
+        for protocol in list(self.tls.protocols):
+            typing.cast(ClientSide, protocol.wrappedProtocol).abort("drain timeout")
+        # Aborted connections end at the next turn, writing their records.
+        while self.tls.protocols and self._clock.seconds() < deadline + 1:
+            await deferLater(self._clock, 0.01, lambda: None)
 
 
 def proxy_service(
@@ -62,5 +191,6 @@ def proxy_service(
         service=config.service,
         header=config.header,
     )
-    tls = TLSMemoryBIOFactory(ServerTLS(config.context), False, relay, clock)
-    return strports.service(config.listen, tls, reactor=reactor)
+    tls = LimitedTLSFactory(config.context, relay, clock, config.limits)
+    listening = strports.service(config.listen, tls, reactor=reactor)
+    return ProxyService(listening, tls, clock, config.limits.drain)

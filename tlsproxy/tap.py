@@ -10,15 +10,18 @@ timeouts.  A mistake is one line naming the option and the value.
 
 from __future__ import annotations
 
+import contextlib
 import encodings.idna  # noqa: F401  (getaddrinfo needs it; not in a jail)
 import math
+import signal
 import sys
 from collections.abc import Callable
 
 from OpenSSL import SSL
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
 from twisted.python import usage
 from typing_extensions import override
@@ -27,7 +30,7 @@ from .connlog import ConnectionLog
 from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
-from .service import ProxyConfig, proxy_service
+from .service import Limits, ProxyConfig, proxy_service
 from .tls import ConfigError, load_server_context, self_signed
 
 _log = Logger(namespace="tlsproxy")
@@ -41,6 +44,15 @@ def _seconds(option: str, text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{option} {text}: must be a positive number of seconds")
     return value
+
+
+def _count(option: str, text: str | None) -> float:
+    """A positive whole number, or no limit (infinity) when not given."""
+    if text is None:
+        return math.inf
+    if not (text.isdigit() and int(text) > 0):
+        raise ConfigError(f"{option} {text}: must be a positive whole number")
+    return int(text)
 
 
 def _endpoint(option: str, text: str, parse: Callable[[object, str], object]) -> str:
@@ -73,6 +85,9 @@ class Options(usage.Options):
         ["idle-timeout", None, "3600", "Seconds without traffic before closing."],
         ["connection-log", None, None, "Append a JSON line per record to FILE."],
         ["proxy-protocol", None, None, "Send a PROXY header to the backend: v1|v2."],
+        ["max-connections", None, None, "Live connections at most [default: any]."],
+        ["max-connections-per-client", None, None, "From one address at most."],
+        ["drain-timeout", None, "10", "Seconds for live connections on SIGTERM."],
     ]
 
     fingerprint: str | None = None
@@ -97,6 +112,13 @@ class Options(usage.Options):
                 idle=_seconds("--idle-timeout", self["idle-timeout"]),
             ),
             header=self._header(),
+            limits=Limits(
+                total=_count("--max-connections", self["max-connections"]),
+                per_client=_count(
+                    "--max-connections-per-client", self["max-connections-per-client"]
+                ),
+                drain=_seconds("--drain-timeout", self["drain-timeout"]),
+            ),
         )
         # Last: nothing is created on disk for a command line that fails.
         self.observers: list[RecordObserver] = [log_close]
@@ -144,16 +166,19 @@ def _one_line(hook: Callable[..., object]) -> Callable[..., object]:
     return excepthook
 
 
-class _Startup(MultiService):
+class _Twistd(MultiService):
     """
-    Under twistd, a port that cannot be bound ends start-up with one line
-    and exit status 1, not a traceback.  (It must be an C{Exception}: that is
-    what twistd reports to its parent process when it daemonizes.)
+    What only twistd's process gets: a port that cannot be bound ends
+    start-up with one line and exit status 1, not a traceback (it must be an
+    C{Exception}: that is what twistd reports to its parent process when it
+    daemonizes); and SIGTERM, after the drain, exits with status 0 (twistd
+    would re-raise the signal, so that the status said "killed").
     """
 
-    def __init__(self, listen: str, service: IService) -> None:
+    def __init__(self, listen: str, service: IService, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._listen = listen
+        self._reactor = reactor
         service.setServiceParent(self)
 
     @override
@@ -162,6 +187,23 @@ class _Startup(MultiService):
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListenError as e:
             raise StartupError(f"tlsproxy: --listen {self._listen}: {e}") from None
+
+    @override
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        # After the reactor has installed its own handlers, which it does
+        # once running.
+        self._reactor.callWhenRunning(self._take_sigterm)
+
+    def _take_sigterm(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, number: int, frame: object) -> None:
+        IReactorThreads(self._reactor).callFromThread(self._stop)
+
+    def _stop(self) -> None:
+        with contextlib.suppress(ReactorNotRunning):  # a second SIGTERM
+            self._reactor.stop()
 
 
 def makeService(options: Options) -> IService:
@@ -177,4 +219,4 @@ def makeService(options: Options) -> IService:
             fingerprint=options.fingerprint,
         )
     service = proxy_service(options.config, reactor, fan_out(options.observers))
-    return _Startup(options["listen"], service)
+    return _Twistd(options["listen"], service, reactor)

@@ -1,0 +1,253 @@
+"""
+The service: connection limits, and the drain on stop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from tlsproxy import tap
+from tlsproxy.relay import RelayFactory, Timeouts
+from tlsproxy.service import LimitedTLSFactory, Limits, ProxyService
+
+from .memory import Endpoint, Transport, leaf_context
+
+
+def address(host: str, port: int = 50000) -> IPv4Address:
+    return IPv4Address("TCP", host, port)
+
+
+class Accepting:
+    """A LimitedTLSFactory and the transports of what it accepted."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.clock = Clock()
+        self.records: list[object] = []
+        relay = RelayFactory(
+            connect=Endpoint(),
+            clock=self.clock,
+            observe=self.records.append,
+            timeouts=Timeouts(),
+            service="test",
+        )
+        self.factory = LimitedTLSFactory(leaf_context(), relay, self.clock, limits)
+
+    def accept(self, host: str, port: int = 50000) -> Transport:
+        """Accept a connection from C{host}; return its transport."""
+        protocol = self.factory.buildProtocol(address(host, port))
+        transport = Transport(
+            protocol, True, address("127.0.0.1", 443), address(host, port)
+        )
+        transport.peer = Transport(None, False)
+        protocol.makeConnection(transport)
+        return transport
+
+    def close(self, transport: Transport) -> None:
+        """The connection behind C{transport} is lost."""
+        transport.reportDisconnect()
+
+
+class LimitTests(SynchronousTestCase):
+    """Past a limit a connection is accepted and closed at once."""
+
+    def test_total(self) -> None:
+        """Past --max-connections live connections, new ones are closed."""
+        accepting = Accepting(Limits(total=2))
+        first = accepting.accept("192.0.2.1")
+        accepting.accept("192.0.2.2")
+        refused = accepting.accept("192.0.2.3")
+        self.assertTrue(refused.aborted)
+        self.assertFalse(first.aborted)
+        self.assertEqual(accepting.factory.refused, 1)
+        accepting.close(first)
+        self.assertFalse(accepting.accept("192.0.2.3").aborted)
+
+    def test_per_client(self) -> None:
+        """Past --max-connections-per-client from one address, it is closed."""
+        accepting = Accepting(Limits(per_client=2))
+        first = accepting.accept("192.0.2.1", 1)
+        accepting.accept("192.0.2.1", 2)
+        self.assertTrue(accepting.accept("192.0.2.1", 3).aborted)
+        self.assertFalse(accepting.accept("192.0.2.2", 4).aborted)
+        accepting.close(first)
+        self.assertFalse(accepting.accept("192.0.2.1", 5).aborted)
+        self.assertEqual(accepting.factory.refused, 1)
+
+    def test_no_limits(self) -> None:
+        """By default nothing is refused, and nothing is kept per closed client."""
+        accepting = Accepting(Limits())
+        transports = [accepting.accept("192.0.2.1", n) for n in range(50)]
+        self.assertFalse(any(t.aborted for t in transports))
+        for transport in transports:
+            accepting.close(transport)
+        self.assertEqual(dict(accepting.factory._per_client), {})
+
+    def test_report(self) -> None:
+        """Refusals are logged once per report interval, with their count."""
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        accepting = Accepting(Limits(total=1, report=10))
+        accepting.accept("192.0.2.1")
+        for _ in range(3):
+            accepting.accept("192.0.2.2")
+        self.assertEqual([e for e in events if "count" in e], [])
+        accepting.clock.advance(10)
+        [event] = [e for e in events if "count" in e]
+        self.assertEqual((event["count"], event["live"]), (3, 1))
+        accepting.accept("192.0.2.2")
+        accepting.clock.advance(10)
+        self.assertEqual([e["count"] for e in events if "count" in e], [3, 1])
+
+
+class DrainTests(SynchronousTestCase):
+    """On stop: stop listening, let live connections finish, then abort."""
+
+    def setUp(self) -> None:
+        self.accepting = Accepting(Limits())
+        self.listening = Service()
+        self.service = ProxyService(
+            self.listening, self.accepting.factory, self.accepting.clock, 5
+        )
+        self.service.startService()
+
+    def stop(self) -> list[object]:
+        stopped: list[object] = []
+        self.service.stopService().addCallback(stopped.append)
+        return stopped
+
+    def test_nothing_live(self) -> None:
+        """With no live connection the stop is immediate."""
+        self.assertEqual(self.stop(), [None])
+        self.assertFalse(self.listening.running)
+
+    def test_finish_in_time(self) -> None:
+        """A connection that ends within the drain time ends on its own."""
+        transport = self.accepting.accept("192.0.2.1")
+        stopped = self.stop()
+        self.assertFalse(self.listening.running)
+        self.accepting.clock.advance(1)
+        self.assertEqual(stopped, [])
+        self.accepting.close(transport)
+        self.accepting.clock.advance(0.05)
+        self.assertEqual(stopped, [None])
+        self.assertFalse(transport.aborted)
+
+    def test_drain_timeout(self) -> None:
+        """A connection still live after the drain time is aborted, with its reason."""
+        transport = self.accepting.accept("192.0.2.1")
+        stopped = self.stop()
+        self.accepting.clock.pump([0.05] * 99)
+        self.assertFalse(transport.aborted)
+        self.accepting.clock.pump([0.05] * 2)
+        self.assertTrue(transport.aborted)
+        self.accepting.close(transport)
+        self.accepting.clock.advance(0.01)
+        self.assertEqual(stopped, [None])
+        [record] = self.accepting.records
+        self.assertEqual(record.reason, "drain timeout")  # type: ignore[attr-defined]
+
+    def test_bounded_after_abort(self) -> None:
+        """Even a connection that never reports its end does not hold the stop."""
+        self.accepting.accept("192.0.2.1")
+        stopped = self.stop()
+        self.accepting.clock.pump([0.05] * 101 + [0.01] * 101)
+        self.assertEqual(stopped, [None])
+
+
+class OptionTests(SynchronousTestCase):
+    """--max-connections, --max-connections-per-client, --drain-timeout."""
+
+    def parse(self, *args: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--connect", "tcp:h:1", "--self-signed", "x", *args])
+        return options
+
+    def test_defaults(self) -> None:
+        """No limits by default, and ten seconds to drain."""
+        limits = self.parse().config.limits
+        self.assertEqual((limits.total, limits.per_client), (math.inf, math.inf))
+        self.assertEqual(limits.drain, 10)
+
+    def test_values(self) -> None:
+        """Each option reaches the limits."""
+        limits = self.parse(
+            "--max-connections",
+            "1000",
+            "--max-connections-per-client",
+            "20",
+            "--drain-timeout",
+            "2.5",
+        ).config.limits
+        self.assertEqual(
+            (limits.total, limits.per_client, limits.drain), (1000, 20, 2.5)
+        )
+
+    def test_bad_values(self) -> None:
+        """A limit is a positive whole number."""
+        for value in ("0", "-1", "1.5", "many"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse("--max-connections-per-client", value)
+            self.assertEqual(
+                str(caught.exception),
+                f"--max-connections-per-client {value}:"
+                " must be a positive whole number",
+            )
+
+
+@implementer(IReactorCore, IReactorThreads)
+class FakeReactor:
+    """What _Twistd asks of the reactor, recorded."""
+
+    def __init__(self, running: bool = True) -> None:
+        self.when_running: list[object] = []
+        self.from_thread: list[object] = []
+        self.stops = 0
+        self.running = running
+
+    def callWhenRunning(self, f: object) -> None:
+        self.when_running.append(f)
+
+    def callFromThread(self, f: object) -> None:
+        self.from_thread.append(f)
+
+    def stop(self) -> None:
+        self.stops += 1
+        if not self.running:
+            raise ReactorNotRunning()
+        self.running = False
+
+
+class SigtermTests(SynchronousTestCase):
+    """Under twistd, SIGTERM stops the reactor (drained), and the exit is 0."""
+
+    def test_sigterm_stops(self) -> None:
+        """
+        Once the reactor runs, SIGTERM asks it to stop from the main loop;
+        a second SIGTERM while stopping is harmless.
+        """
+        previous = signal.getsignal(signal.SIGTERM)
+        self.addCleanup(signal.signal, signal.SIGTERM, previous)
+        reactor = FakeReactor()
+        service = tap._Twistd("tcp:0", Service(), reactor)
+        service.startService()
+        [take] = reactor.when_running
+        take()  # type: ignore[operator]
+        os.kill(os.getpid(), signal.SIGTERM)
+        [stop] = reactor.from_thread
+        stop()  # type: ignore[operator]
+        stop()  # type: ignore[operator]
+        self.assertEqual(reactor.stops, 2)
+        self.assertFalse(reactor.running)
