@@ -845,6 +845,30 @@ class TwistdProxy:
             raise AssertionError(f"no VmRSS in /proc/{self.pid}/status")
         return int(kib.group(1)) * 1024
 
+    def running(self) -> bool:
+        """
+        Return whether the process has not exited yet.
+        """
+        return self._process.poll() is None
+
+    def terminate(self) -> None:
+        """
+        Send SIGTERM, without waiting for the exit.
+        """
+        self._process.send_signal(signal.SIGTERM)
+
+    def wait_for_exit(self, timeout: float = TIMEOUT) -> int:
+        """
+        Wait at most C{timeout} seconds for the process to exit; return its
+        exit status (negative: the signal that killed it).
+        """
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"twistd still running after {timeout}s; log:\n{self.log_text()}"
+            ) from None
+
     def stop(self, check: bool = True) -> None:
         """
         Send SIGTERM and wait for the exit; with C{check}, fail unless it

@@ -1,0 +1,363 @@
+"""
+Integration tests of what an operator relies on, on the real C{twistd -n
+tlsproxy} process: the connection limits, the drain on SIGTERM, and running
+out of file descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from unittest import SkipTest, TestCase
+
+from tests.harness import (
+    HELLO,
+    HOST,
+    TIMEOUT,
+    TwistdProxy,
+    client_context,
+    client_hello,
+    file_sha256,
+    pattern_bytes,
+    pattern_sha256,
+    read_http_head,
+    temp_dir,
+    wait_until,
+)
+from tests.test_twistd import ABORTS, BIG, MIB, http_proxy, http_request, url, verified
+
+OTHER_HOST = "127.0.0.2"
+"""A second loopback source address, for a second client."""
+
+QUICK = 3.0
+"""Seconds allowed for what should happen at once (a refusal, a request)."""
+
+
+# --- clients ------------------------------------------------------------------
+
+
+def connect_from(port: int, source: str, timeout: float = TIMEOUT) -> socket.socket:
+    """
+    Open a TCP connection from C{source} to 127.0.0.1:C{port}.
+    """
+    return socket.create_connection(
+        (HOST, port), timeout=timeout, source_address=(source, 0)
+    )
+
+
+def tls_from(port: int, source: str, timeout: float = TIMEOUT) -> ssl.SSLSocket:
+    """
+    Connect from C{source} to 127.0.0.1:C{port} and complete a TLS handshake.
+
+    A missing close_notify is reported as L{ssl.SSLEOFError}, never as a
+    clean end of file.
+    """
+    sock = connect_from(port, source, timeout)
+    try:
+        return client_context().wrap_socket(
+            sock, server_hostname="localhost", suppress_ragged_eofs=False
+        )
+    except BaseException:
+        sock.close()
+        raise
+
+
+def fetch(sock: socket.socket, path: str = "/") -> bytes:
+    """
+    Send a keep-alive GET for C{path} on C{sock}; return the body of the 200
+    response, failing on any other status or a short body.
+    """
+    sock.sendall(http_request(path, connection="keep-alive"))
+    status, headers, body = read_http_head(sock)
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise AssertionError(f"connection ended after {len(body)} body bytes")
+        body += chunk
+    if status != 200:
+        raise AssertionError(f"status {status}")
+    return body
+
+
+def open_client(
+    case: TestCase, proxy: TwistdProxy, source: str = HOST
+) -> ssl.SSLSocket:
+    """
+    Open a TLS connection from C{source} that relays C{GET /}, and stays open
+    (keep-alive) until C{case} ends.
+    """
+    sock = tls_from(proxy.port, source)
+    case.addCleanup(sock.close)
+    case.assertEqual(sock.getsockname()[0], source)
+    case.assertEqual(fetch(sock), HELLO)
+    return sock
+
+
+def assert_closed_at_once(case: TestCase, port: int, source: str = HOST) -> None:
+    """
+    Check that a connection from C{source} is accepted and then reset or
+    closed without a byte in answer to its ClientHello, and that a TLS
+    handshake from there fails.
+
+    That is two refusals.  (The reset can arrive before C{connect} or
+    C{send} returns, which then report it; the kernel refusing would be a
+    different error.)
+    """
+    try:
+        with connect_from(port, source, QUICK) as sock:
+            sock.sendall(client_hello())
+            first = sock.recv(1)
+    except (ConnectionResetError, BrokenPipeError):
+        first = b""
+    case.assertEqual(first, b"")
+    with case.assertRaises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        tls_from(port, source, QUICK).close()
+
+
+def refuses(port: int) -> bool:
+    """
+    Return whether the kernel refuses a TCP connection to 127.0.0.1:C{port}
+    (nothing listens there); a connection that is made is closed at once.
+    """
+    try:
+        socket.create_connection((HOST, port), timeout=QUICK).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def relaying_client(port: int) -> ssl.SSLSocket | None:
+    """
+    Return a new TLS connection that relayed C{GET /}, or C{None} if the
+    connection, its handshake or the request failed within L{QUICK} seconds.
+    """
+    try:
+        sock = tls_from(port, HOST, QUICK)
+    except OSError:  # ssl.SSLError and timeouts included
+        return None
+    try:
+        if fetch(sock) == HELLO:
+            return sock
+    except (OSError, AssertionError):
+        pass
+    sock.close()
+    return None
+
+
+# --- tests --------------------------------------------------------------------
+
+
+class ConnectionLimitTests(TestCase):
+    """
+    Connections past a limit are closed at once; the others are served.
+    """
+
+    def test_max_connections(self) -> None:
+        """
+        Past --max-connections live connections a new one is closed before
+        any TLS byte while the live ones keep relaying, and once one of them
+        closes a new one is served.
+        """
+        proxy, backend, _ = http_proxy(self, "--max-connections", "2")
+        live = [open_client(self, proxy) for _ in range(2)]
+        assert_closed_at_once(self, proxy.port)
+        assert_closed_at_once(self, proxy.port, OTHER_HOST)
+        for sock in live:
+            self.assertEqual(fetch(sock), HELLO)
+        live[0].close()
+        proxy.wait_for_closes(1)
+        open_client(self, proxy)
+        assert_closed_at_once(self, proxy.port)
+        self.assertEqual(len(backend.peers()), 3)
+
+    def test_max_connections_per_client(self) -> None:
+        """
+        Past --max-connections-per-client live connections from one address
+        a new one from there is closed before any TLS byte, while another
+        address is served up to its own limit, and once one closes a new one
+        from the first address is served.
+        """
+        proxy, backend, _ = http_proxy(self, "--max-connections-per-client", "2")
+        first = [open_client(self, proxy) for _ in range(2)]
+        assert_closed_at_once(self, proxy.port)
+        other = [open_client(self, proxy, OTHER_HOST) for _ in range(2)]
+        assert_closed_at_once(self, proxy.port, OTHER_HOST)
+        assert_closed_at_once(self, proxy.port)
+        for sock in first + other:
+            self.assertEqual(fetch(sock), HELLO)
+        first[0].close()
+        proxy.wait_for_closes(1)
+        open_client(self, proxy)
+        assert_closed_at_once(self, proxy.port)
+        self.assertEqual(len(backend.peers()), 5)
+
+    def test_refusals_logged_after_ten_seconds(self) -> None:
+        """
+        Refusals are counted and logged in one line about 10 s after the
+        first one.
+        """
+        proxy, _, _ = http_proxy(self, "--max-connections", "1")
+        open_client(self, proxy)
+        first = time.monotonic()
+        assert_closed_at_once(self, proxy.port)
+        assert_closed_at_once(self, proxy.port)
+        line = "refused 4 connection(s) over the limits in 10.0 s"
+        wait_until(lambda: line in proxy.log_text(), repr(line), timeout=15)
+        self.assertGreater(time.monotonic() - first, 9.5)
+        self.assertEqual(proxy.log_text().count("refused "), 1)
+
+
+class DrainTests(TestCase):
+    """
+    On SIGTERM the proxy stops accepting, lets live connections finish for
+    --drain-timeout seconds, aborts the rest, and exits 0.
+    """
+
+    def test_transfer_in_flight_completes(self) -> None:
+        """
+        A download in flight when SIGTERM arrives completes intact while new
+        connections are refused, and the proxy then exits 0 without waiting
+        out the drain timeout.
+        """
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed")
+        proxy, _, certs = http_proxy(self)
+        target = temp_dir(self) / "download"
+        # 64 MiB at 32 MiB/s: about 2 s in flight.
+        download = subprocess.Popen(
+            [
+                curl,
+                "-sS",
+                "--fail",
+                "--max-time",
+                str(TIMEOUT),
+                "--limit-rate",
+                "32M",
+                "-H",
+                "Connection: close",
+                *verified(proxy, certs),
+                "-o",
+                str(target),
+                url(proxy, f"/bytes/{BIG}"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(download.wait, TIMEOUT)
+        self.addCleanup(download.kill)
+        wait_until(
+            lambda: target.exists() and target.stat().st_size >= MIB,
+            "the download to start",
+        )
+        signalled = time.monotonic()
+        proxy.terminate()
+        wait_until(lambda: refuses(proxy.port), "the proxy to stop accepting")
+        self.assertIsNone(download.poll(), "the download ended before the drain")
+        self.assertTrue(proxy.running())
+        _, errors = download.communicate(timeout=TIMEOUT + 5)
+        self.assertEqual(download.returncode, 0, errors)
+        self.assertEqual(proxy.wait_for_exit(), 0)
+        self.assertLess(time.monotonic() - signalled, 8)
+        self.assertEqual(target.stat().st_size, BIG)
+        self.assertEqual(file_sha256(target), pattern_sha256(BIG))
+        closes = proxy.close_lines()
+        self.assertTrue(any("backend closed" in line for line in closes), closes)
+        self.assertFalse(any("drain timeout" in line for line in closes), closes)
+
+    def test_idle_connection_aborted(self) -> None:
+        """
+        With --drain-timeout 1 a connection still open a second after SIGTERM
+        is aborted without close_notify and logged as drain timeout, and the
+        proxy exits 0.
+        """
+        proxy, _, _ = http_proxy(self, "--drain-timeout", "1")
+        sock = open_client(self, proxy)
+        sock.settimeout(5)
+        signalled = time.monotonic()
+        proxy.terminate()
+        wait_until(lambda: refuses(proxy.port), "the proxy to stop accepting")
+        with self.assertRaises(ABORTS):
+            while sock.recv(1 << 16):
+                pass
+        aborted = time.monotonic() - signalled
+        self.assertEqual(proxy.wait_for_exit(), 0)
+        stopped = time.monotonic() - signalled
+        self.assertGreater(aborted, 0.9)
+        self.assertLess(aborted, 3)
+        self.assertLess(stopped, 5)
+        drained = [line for line in proxy.close_lines() if "drain timeout" in line]
+        self.assertEqual(len(drained), 1, proxy.close_lines())
+        self.assertIn("closed: drain timeout", drained[0])
+
+
+class DescriptorExhaustionTests(TestCase):
+    """
+    Running out of file descriptors refuses new connections only, for a
+    while.
+    """
+
+    def test_out_of_descriptors(self) -> None:
+        """
+        At its file descriptor limit the proxy stays up, refuses new
+        connections (whether the client's or the backend's socket is the one
+        too many), relays on the live ones, and serves new connections again
+        once some live ones close.
+        """
+        proxy, _, _ = http_proxy(self)
+        # First a connection, so that whatever it opens for good is open.
+        with contextlib.closing(open_client(self, proxy)):
+            pass
+        proxy.wait_for_closes(1)
+        baseline = proxy.fd_count()
+        # Room for 8 connections (2 descriptors each: client and backend)
+        # and one more client.
+        room = 8
+        limit = baseline + 2 * room + 1
+        _, hard = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit, hard))
+
+        live: list[ssl.SSLSocket] = []
+        while (client := relaying_client(proxy.port)) is not None:
+            self.addCleanup(client.close)
+            live.append(client)
+            self.assertLessEqual(len(live), room, "no limit reached")
+        self.assertEqual(len(live), room)
+        # One descriptor was left: the client got it, the backend did not.
+        proxy.wait_for_log(r"closed: backend connect failed")
+        # A client stalled in its handshake takes the last one.
+        stalled = socket.create_connection((HOST, proxy.port), timeout=QUICK)
+        self.addCleanup(stalled.close)
+        wait_until(lambda: proxy.fd_count() >= limit, "the last descriptor in use")
+        self.assertIsNone(relaying_client(proxy.port))
+
+        self.assertTrue(proxy.running())
+        for sock in live:
+            self.assertEqual(fetch(sock, "/bytes/100000"), pattern_bytes(100000))
+        for sock in live[:3]:
+            sock.close()
+        later: list[ssl.SSLSocket] = []
+
+        def served() -> bool:
+            client = relaying_client(proxy.port)
+            if client is not None:
+                self.addCleanup(client.close)
+                later.append(client)
+            return client is not None
+
+        wait_until(served, "a new connection to be served")
+        for sock in live[3:]:
+            self.assertEqual(fetch(sock), HELLO)
+        stalled.close()
+        for sock in live + later:
+            sock.close()
+        proxy.wait_for_fd_count(baseline)
+        self.assertTrue(proxy.running())
+        self.assertNotIn("Traceback", proxy.log_text() + proxy.output_text())
