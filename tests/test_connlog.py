@@ -45,6 +45,8 @@ FIELDS = [
     "opened",
     "closed",
     "duration",
+    "handshake_time",
+    "connect_time",
     "bytes_from_client",
     "bytes_to_client",
     "tls_version",

@@ -100,6 +100,20 @@ class RelayTests(SynchronousTestCase):
         self.assertFalse(pair.client_tls.transport.no_delay)
         _no_delay(object())  # not TCP (a UNIX socket): nothing to set
 
+    def test_latencies(self) -> None:
+        """
+        The records carry how long the handshake took, from the accept, and
+        how long the backend took to connect, from the handshake.
+        """
+        pair = Pair()
+        pair.pump.pump()
+        pair.clock.advance(0.5)
+        pair.flush()
+        pair.clock.advance(0.25)
+        pair.connect_backend()
+        [record] = pair.records
+        self.assertEqual((record.handshake_time, record.connect_time), (0.5, 0.25))
+
     def test_each_connection_has_its_own_id(self) -> None:
         """Two connections get different record ids."""
         ids = set()

@@ -39,6 +39,8 @@ class ConnectionRecord:
     opened: float
     closed: float | None = None
     duration: float | None = None
+    handshake_time: float | None = None
+    connect_time: float | None = None
     bytes_from_client: int = 0
     bytes_to_client: int = 0
     tls_version: str | None = None

@@ -289,10 +289,12 @@ class ClientSide(Protocol):
         Note the TLS facts, hold the client's further bytes, and connect to
         the backend.
         """
+        self._handshake_done = self._relay.clock.seconds()
         self._note_addresses()
         tls = self.transport.getHandle()
         self._record = attrs.evolve(
             self._record,
+            handshake_time=self._handshake_done - self._record.opened,
             tls_version=tls.get_protocol_version_name(),
             cipher=tls.get_cipher_name(),
             sni=_text(tls.get_servername()),
@@ -318,6 +320,7 @@ class ClientSide(Protocol):
         backend_host, backend_port = host_port(transport.getPeer())
         self._record = attrs.evolve(
             self._record,
+            connect_time=self._relay.clock.seconds() - self._handshake_done,
             backend_local_host=local_host,
             backend_local_port=local_port,
             backend_host=backend_host,

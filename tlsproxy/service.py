@@ -92,6 +92,7 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         self._limits = limits
         self._hosts: dict[IProtocol, str | None] = {}
         self._per_client: Counter[str | None] = Counter()
+        self.accepted = 0
         self.refused = 0
         self._unreported = 0
 
@@ -108,6 +109,7 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
             if self._unreported == 1:
                 self._clock.callLater(self._limits.report, self._report)
             return _Refused()
+        self.accepted += 1
         protocol = super().buildProtocol(addr)
         self._hosts[protocol] = host
         self._per_client[host] += 1
@@ -172,7 +174,7 @@ def proxy_service(
     config: ProxyConfig,
     reactor: IReactorCore,
     observe: RecordObserver = log_close,
-) -> IService:
+) -> ProxyService:
     """
     The service for C{config}: it binds its port in C{privilegedStartService}
     (as root, under twistd) and raises there if it cannot.

@@ -18,15 +18,18 @@ import sys
 from collections.abc import Callable
 
 from OpenSSL import SSL
+from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 from typing_extensions import override
 
 from .connlog import ConnectionLog
+from .metrics import Metrics
 from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
@@ -88,6 +91,7 @@ class Options(usage.Options):
         ["max-connections", None, None, "Live connections at most [default: any]."],
         ["max-connections-per-client", None, None, "From one address at most."],
         ["drain-timeout", None, "10", "Seconds for live connections on SIGTERM."],
+        ["metrics", None, None, "Serve Prometheus metrics on this endpoint."],
     ]
 
     fingerprint: str | None = None
@@ -120,8 +124,13 @@ class Options(usage.Options):
                 drain=_seconds("--drain-timeout", self["drain-timeout"]),
             ),
         )
-        # Last: nothing is created on disk for a command line that fails.
         self.observers: list[RecordObserver] = [log_close]
+        self.metrics: Metrics | None = None
+        if self["metrics"] is not None:
+            _endpoint("--metrics", self["metrics"], serverFromString)
+            self.metrics = Metrics()
+            self.observers.append(self.metrics.observe)
+        # Last: nothing is created on disk for a command line that fails.
         if self["connection-log"] is not None:
             self.observers.append(ConnectionLog.open(self["connection-log"]))
         return config
@@ -219,4 +228,10 @@ def makeService(options: Options) -> IService:
             fingerprint=options.fingerprint,
         )
     service = proxy_service(options.config, reactor, fan_out(options.observers))
-    return _Twistd(options["listen"], service, reactor)
+    top = _Twistd(options["listen"], service, reactor)
+    metrics = options.metrics
+    if metrics is not None:
+        metrics.watch(options.config.service, service.tls)
+        page = strports.service(options["metrics"], Site(metrics.page()), reactor)
+        page.setServiceParent(top)
+    return top

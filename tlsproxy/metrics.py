@@ -1,0 +1,136 @@
+"""
+Prometheus metrics, made by prometheus_client from the connection records
+and the services' live counts, served over HTTP on their own endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from .record import ConnectionRecord
+from .service import LimitedTLSFactory
+
+_LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def reason_kind(reason: str | None) -> str:
+    """A close reason without its detail: "backend connect failed", say."""
+    return (reason or "").split(":")[0]
+
+
+class Metrics:
+    """
+    The metrics of one process: a record observer (L{observe}) and the live
+    counts of each service's listening factory (L{watch}).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._services: dict[str, LimitedTLSFactory] = {}
+        self.registry.register(_Counts(self._services))
+        self._closed = Counter(
+            "tlsproxy_connections_closed",
+            "Connections ended, by service and close reason.",
+            ["service", "reason"],
+            registry=self.registry,
+        )
+        self._handshake_failures = Counter(
+            "tlsproxy_handshake_failures",
+            "Connections that ended before their TLS handshake completed.",
+            ["service", "reason"],
+            registry=self.registry,
+        )
+        self._bytes = Counter(
+            "tlsproxy_bytes",
+            "Bytes relayed, counted when a connection ends.",
+            ["service", "direction"],
+            registry=self.registry,
+        )
+        self._handshake = Histogram(
+            "tlsproxy_handshake_seconds",
+            "TLS handshake time, from the accept.",
+            ["service"],
+            buckets=_LATENCY,
+            registry=self.registry,
+        )
+        self._connect = Histogram(
+            "tlsproxy_backend_connect_seconds",
+            "Backend connection time, from the end of the handshake.",
+            ["service"],
+            buckets=_LATENCY,
+            registry=self.registry,
+        )
+
+    def watch(self, service: str, tls: LimitedTLSFactory) -> None:
+        """Report C{service}'s live, accepted and refused connections."""
+        self._services[service] = tls
+
+    def observe(self, record: ConnectionRecord) -> None:
+        """Count a connection record."""
+        service = record.service
+        if record.event == "open":
+            self._connect.labels(service).observe(record.connect_time or 0.0)
+            return
+        kind = reason_kind(record.reason)
+        self._closed.labels(service, kind).inc()
+        self._bytes.labels(service, "from_client").inc(record.bytes_from_client)
+        self._bytes.labels(service, "to_client").inc(record.bytes_to_client)
+        if record.handshake_time is None:
+            self._handshake_failures.labels(service, kind).inc()
+        else:
+            self._handshake.labels(service).observe(record.handshake_time)
+
+    def page(self) -> Resource:
+        """The HTTP resource that serves the metrics (any path)."""
+        return _Page(self.registry)
+
+
+class _Counts(Collector):
+    """Live, accepted and refused connections, read when scraped."""
+
+    def __init__(self, services: dict[str, LimitedTLSFactory]) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily(
+            "tlsproxy_connections_live", "Connections open now.", labels=["service"]
+        )
+        accepted = CounterMetricFamily(
+            "tlsproxy_connections_accepted",
+            "Connections accepted (not refused).",
+            labels=["service"],
+        )
+        refused = CounterMetricFamily(
+            "tlsproxy_connections_refused",
+            "Connections closed at once: over a limit.",
+            labels=["service"],
+        )
+        for service, tls in self._services.items():
+            live.add_metric([service], len(tls.protocols))
+            accepted.add_metric([service], tls.accepted)
+            refused.add_metric([service], tls.refused)
+        yield from (live, accepted, refused)
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
+        return generate_latest(self._registry)
