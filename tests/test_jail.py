@@ -494,6 +494,21 @@ class JailTests(TestCase):
         self.assertEqual(len(data.splitlines()), 2)
         self.assertEqual(os.stat(log).st_uid, 0)
 
+    def test_metrics_inside_jail(self) -> None:
+        """
+        Metrics bound as root are served from inside the jail, after a
+        relayed request.
+        """
+        proxy = self.start("--metrics", f"tcp:0:interface={HOST}")
+        self.assertEqual(get_hello(proxy, self.certs), HELLO)
+        proxy.wait_for_closes(1)
+        [match] = proxy.wait_for_log(r"Site starting on (\d+)")
+        page = curl_ok(f"http://{HOST}:{match.group(1)}/metrics").decode()
+        self.assertIn(
+            'tlsproxy_connections_accepted_total{service="tlsproxy"} 1.0', page
+        )
+        self.assert_alive(proxy)
+
     def test_faults_inside_jail(self) -> None:
         """
         Inside the jail, garbage, a truncated ClientHello, a stalled
