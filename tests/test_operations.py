@@ -19,6 +19,7 @@ from tests.harness import (
     HELLO,
     HOST,
     TIMEOUT,
+    SendThenClose,
     TwistdProxy,
     client_context,
     client_hello,
@@ -26,10 +27,27 @@ from tests.harness import (
     pattern_bytes,
     pattern_sha256,
     read_http_head,
+    start_http_backend,
+    start_proxy,
+    start_raw_backend,
     temp_dir,
+    tls_connect,
     wait_until,
 )
-from tests.test_twistd import ABORTS, BIG, MIB, http_proxy, http_request, url, verified
+from tests.test_twistd import (
+    ABORTS,
+    BIG,
+    MIB,
+    certificates,
+    fd_baseline,
+    http_proxy,
+    http_request,
+    still_serves,
+    tls_args,
+    url,
+    verified,
+    wait_for_end,
+)
 
 OTHER_HOST = "127.0.0.2"
 """A second loopback source address, for a second client."""
@@ -361,3 +379,90 @@ class DescriptorExhaustionTests(TestCase):
         proxy.wait_for_fd_count(baseline)
         self.assertTrue(proxy.running())
         self.assertNotIn("Traceback", proxy.log_text() + proxy.output_text())
+
+
+class MoreFaultTests(TestCase):
+    """
+    Faults not covered in test_twistd: each ends its own connection, and the
+    proxy then serves normally with its descriptors back to the baseline.
+    """
+
+    def test_backend_closes_early(self) -> None:
+        """
+        A backend that accepts and closes at once gives the client a clean
+        end with no bytes (close_notify), and the log says backend closed.
+        """
+        backend = start_raw_backend(self, SendThenClose(0))
+        certs = certificates(self)
+        proxy = start_proxy(
+            self, "--connect", f"tcp:{HOST}:{backend.port}", *tls_args(certs)
+        )
+        with tls_connect(proxy.port, client_context(certs.ca)) as sock:
+            sock.sendall(b"hello?")
+            self.assertEqual(sock.recv(100), b"")
+        proxy.wait_for_log(r"closed: backend closed")
+
+    def test_oversized_client_hello(self) -> None:
+        """
+        A handshake record claiming 64 KiB (more than TLS allows) ends that
+        connection with a TLS error.
+        """
+        proxy, _, certs = http_proxy(self)
+        baseline = fd_baseline(proxy, certs)
+        record = b"\x16\x03\x01\xff\xff" + b"\x01\x00\xff\xfb" + b"\x00" * 65531
+        with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
+            with contextlib.suppress(ConnectionError):
+                sock.sendall(record)
+            wait_for_end(sock)
+        proxy.wait_for_log(r"closed: TLS error")
+        still_serves(proxy, certs, baseline)
+
+    def test_proxy_header_unexpected(self) -> None:
+        """
+        A PROXY header sent to a listener that expects none is not TLS: that
+        connection ends with a TLS error, and the header names no one.
+        """
+        proxy, _, certs = http_proxy(self)
+        baseline = fd_baseline(proxy, certs)
+        with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
+            sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4711 443\r\n")
+            sock.sendall(client_hello())
+            wait_for_end(sock)
+        [match] = proxy.wait_for_log(r".* closed: TLS error.*")
+        line = match.group(0)
+        self.assertNotIn("203.0.113.9", line)
+        still_serves(proxy, certs, baseline)
+
+    def test_malformed_proxy_header(self) -> None:
+        """
+        Behind a front balancer, a malformed PROXY header ends that
+        connection (reason: no valid PROXY header); a good one is served.
+        """
+        certs = certificates(self)
+        backend = start_http_backend(self)
+        proxy = TwistdProxy(
+            temp_dir(self),
+            [
+                "--listen",
+                f"haproxy:tcp:0:interface={HOST}",
+                "--connect",
+                f"tcp:{HOST}:{backend.port}",
+                *tls_args(certs),
+            ],
+        )
+        self.addCleanup(proxy.stop)
+        for header in (b"PROXY TCP4 not-an-address\r\n", b"PROXY\r\n" + b"x" * 200):
+            with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
+                sock.sendall(header)
+                wait_for_end(sock)
+        proxy.wait_for_log(r"closed: no valid PROXY header", 2)
+        with socket.create_connection((HOST, proxy.port), timeout=20) as raw:
+            raw.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4711 443\r\n")
+            with client_context(certs.ca).wrap_socket(
+                raw, server_hostname="localhost"
+            ) as sock:
+                sock.sendall(http_request("/"))
+                status, _, _ = read_http_head(sock)
+        self.assertEqual(status, 200)
+        line = proxy.wait_for_closes(3)[-1]
+        self.assertIn("from 203.0.113.9:4711", line)
