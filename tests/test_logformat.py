@@ -148,6 +148,14 @@ class TimeTests(SynchronousTestCase):
         assert parsed is not None, (time_format, text)
         return parsed[2]
 
+    def test_impossible_times(self) -> None:
+        """A time that cannot be (year 0, month 13, too many digits) is unknown."""
+        self.assertIsNone(self.time_of("%t", b"[01/Jan/0000:00:00:00 +0000]"))
+        self.assertIsNone(
+            self.time_of("%{%d/%m/%Y:%H:%M:%S %z}t", b"01/13/2025:00:00:00 +0000")
+        )
+        self.assertIsNone(self.time_of("%{sec}t", b"9" * 400))
+
     def test_zones(self) -> None:
         """C{%t}'s zone is honoured: one instant in +0100, -0500 and +0000."""
         for text in [

@@ -107,6 +107,11 @@ class ReadIndexTests(SynchronousTestCase):
         self.assertIsNone(index.find(b"40001", b"127.0.0.1", 250.0))
         self.assertIsNone(index.find(b"40002", b"127.0.0.1", 150.0))
 
+    def test_deeply_nested_line(self) -> None:
+        """A line nested too deeply for the JSON parser is skipped, not fatal."""
+        _, records, skipped = read_index([b"[" * 100000])
+        self.assertEqual((records, skipped), (0, 1))
+
     def test_connection_log(self) -> None:
         """The records tlsproxy's connection log writes are read."""
         path = self.mktemp()
@@ -335,6 +340,12 @@ class JoinLineTests(SynchronousTestCase):
 
     def join(self, line: bytes, log_format: str = DEFAULT_FORMAT) -> tuple[bytes, str]:
         return join_line(line, compile_format(log_format), self.index)
+
+    def test_last_line_bare_cr(self) -> None:
+        """A last line ending in a bare CR gets a newline: one line out."""
+        self.assertEqual(self.join(b"x\r"), (b"x\r\n", "unparsable"))
+        self.assertEqual(self.join(b"x\r\n"), (b"x\r\n", "unparsable"))
+        self.assertEqual(self.join(b"x"), (b"x\n", "unparsable"))
 
     def test_matched(self) -> None:
         """A matched line is Combined: the client's address, no port."""

@@ -83,6 +83,14 @@ class V1Tests(SynchronousTestCase):
         # wrongly wants more after "UNKNOWN"; mod_remoteip accepts it.)
         self.assertEqual(v1(UNIX), b"PROXY UNKNOWN\r\n")
 
+    def test_scoped_ipv6(self) -> None:
+        """A link-local client's scope (%eth0) has no place in the header."""
+        scoped = attrs.evolve(IPV6, client_host="fe80::1%eth0")
+        self.assertEqual(v1(scoped), b"PROXY TCP6 fe80::1 2001:db8::3 50123 443\r\n")
+        source = V2Parser.parse(v2(scoped)).source
+        assert isinstance(source, IPv6Address)
+        self.assertEqual(ip_address(source.host), ip_address("fe80::1"))
+
     def test_mixed_families(self) -> None:
         """An IPv4 client on an IPv6 listener cannot be said in one line."""
         mixed = attrs.evolve(IPV4, listen_host="2001:db8::3")

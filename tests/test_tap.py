@@ -115,6 +115,31 @@ class OptionsTests(SynchronousTestCase):
             "--cert /nonexistent.pem: No such file or directory",
         )
 
+    def test_odd_endpoint_errors(self) -> None:
+        """
+        Whatever an endpoint parser raises (here a StopIteration turned
+        RuntimeError, and an error without a message) is one line.
+        """
+        self.assertEqual(
+            self.error("--connect", "tcp:h:1\\", "--self-signed", "x"),
+            "--connect tcp:h:1\\: generator raised StopIteration",
+        )
+        message = self.error(
+            "--connect", "tls:h:443:trustRoots=/nonexistent", "--self-signed", "x"
+        )
+        self.assertEqual(
+            message, "--connect tls:h:443:trustRoots=/nonexistent: UnlistableError"
+        )
+
+    def test_control_characters_escaped(self) -> None:
+        """A value with a line break still gives a one-line error."""
+        self.assertEqual(
+            self.error(
+                "--connect", "tcp:h:1", "--self-signed", "x", "--idle-timeout", "a\nb"
+            ),
+            "--idle-timeout a\\nb: not a number of seconds",
+        )
+
     def test_timeouts(self) -> None:
         """Timeouts are positive, finite numbers of seconds."""
         base = ("--connect", "tcp:h:1", "--self-signed", "x")

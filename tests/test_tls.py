@@ -149,6 +149,20 @@ class SelfSignedTests(SynchronousTestCase):
         self.assertEqual(made.fingerprint.replace(":", ""), digest)
         self.assertEqual(len(made.fingerprint), 95)
 
+    def test_impossible_name(self) -> None:
+        """A name no certificate can carry is a one-line error."""
+        for name, reason in [
+            ("", "Attribute's length must be >= 1 and <= 64"),
+            ("x" * 65, "Attribute's length must be >= 1 and <= 64"),
+            ("é.example", "DNSName values should be passed as an A-label string"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                self_signed(name)
+            self.assertTrue(
+                str(caught.exception).startswith(f"--self-signed {name}: {reason}"),
+                str(caught.exception),
+            )
+
     def test_ip_address(self) -> None:
         """An IP address becomes an IP address name."""
         certificate = SSL.Connection(self_signed("127.0.0.1").context).get_certificate()

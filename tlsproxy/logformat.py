@@ -17,6 +17,7 @@ import functools
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -215,11 +216,20 @@ def _strftime(
 
 
 def _seconds(reader: re.Pattern[bytes], divisor: int, text: bytes) -> float | None:
-    """The epoch seconds that C{text} says, or C{None} for a C{-}."""
+    """
+    The epoch seconds that C{text} says, or C{None} for a C{-} or a time
+    that cannot be (month 13, year 0, more digits than a float holds).
+    """
     match = reader.fullmatch(text)
     if match is None:
         return None
-    fields = match.groupdict()
+    try:
+        return _epoch(match.groupdict(), divisor)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _epoch(fields: dict[str, Any], divisor: int) -> float:
     if fields.get("s") is not None:
         return int(fields["s"]) / divisor
     year = int(fields["Y"]) if fields.get("Y") else _full_year(int(fields["y"]))

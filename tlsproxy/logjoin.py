@@ -76,7 +76,7 @@ def read_index(lines: Iterable[bytes]) -> tuple[ConnectionIndex, int, int]:
     for line in lines:
         try:
             event, key, port, connection = _connection(json.loads(line), interned)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             skipped += 1
             continue
         records += 1
@@ -127,7 +127,7 @@ def join_line(
     C{"unparsable"} (unchanged).  The line keeps its ending, or gets C{\\n}.
     """
     body = line.rstrip(b"\r\n")
-    ending = line[len(body) :] or b"\n"
+    ending = line[len(body) :].removesuffix(b"\n") + b"\n"
     match = log_format.pattern.fullmatch(body)
     if match is None:
         return body + ending, "unparsable"

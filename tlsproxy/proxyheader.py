@@ -38,11 +38,12 @@ def _addresses(
 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     """
     The client's and the listening address, if both are IP addresses of the
-    same version; else none (a UNIX socket, say).
+    same version; else none (a UNIX socket, say).  An IPv6 scope
+    (C{fe80::1%eth0}) is dropped: the header has no room for it.
     """
     try:
         pair = tuple(
-            ipaddress.ip_address(host or "")
+            ipaddress.ip_address((host or "").partition("%")[0])
             for host in (record.client_host, record.listen_host)
         )
     except ValueError:

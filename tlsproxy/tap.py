@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import encodings.idna  # noqa: F401  (getaddrinfo needs it; not in a jail)
 import math
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -39,6 +40,11 @@ from .tls import ConfigError, load_server_context, self_signed
 _log = Logger(namespace="tlsproxy")
 
 
+def _one_line_of(text: str) -> str:
+    """C{text} with line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _seconds(option: str, text: str) -> float:
     try:
         value = float(text)
@@ -53,7 +59,7 @@ def _count(option: str, text: str | None) -> float:
     """A positive whole number, or no limit (infinity) when not given."""
     if text is None:
         return math.inf
-    if not (text.isdigit() and int(text) > 0):
+    if not re.fullmatch("[1-9][0-9]{0,17}", text):
         raise ConfigError(f"{option} {text}: must be a positive whole number")
     return int(text)
 
@@ -63,8 +69,8 @@ def _endpoint(option: str, text: str, parse: Callable[[object, str], object]) ->
 
     try:
         parse(reactor, text)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise ConfigError(f"{option} {text}: {e}") from None
+    except Exception as e:  # endpoint plugins raise what they like
+        raise ConfigError(f"{option} {text}: {str(e) or type(e).__name__}") from None
     return text
 
 
@@ -101,7 +107,7 @@ class Options(usage.Options):
         try:
             self.config = self._config()
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise usage.UsageError(_one_line_of(str(e))) from None
 
     def _config(self) -> ProxyConfig:
         if self["connect"] is None:

@@ -160,13 +160,15 @@ def self_signed(name: str) -> SelfSigned:
     """
     Make a P-256 key and a 30-day self-signed certificate for C{name} (a DNS
     name or an IP address).
+
+    @raise ConfigError: C{name} cannot be a certificate's name.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     try:
-        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        alt = x509.DNSName(name)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        alt = _alternative_name(name)
+    except ValueError as e:
+        raise ConfigError(f"--self-signed {name}: {e}") from None
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -184,6 +186,19 @@ def self_signed(name: str) -> SelfSigned:
         context=server_context([certificate], key),
         fingerprint=":".join(f"{byte:02X}" for byte in digest),
     )
+
+
+def _alternative_name(name: str) -> x509.GeneralName:
+    """
+    An IP address, or a DNS name (ASCII: an internationalized name in its
+    A-label form).
+
+    @raise ValueError: C{name} is neither.
+    """
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
