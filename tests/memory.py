@@ -31,21 +31,21 @@ from zope.interface import implementer
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.tls import ServerTLS, server_context
+from tlsproxy.tls import DEFAULT_POLICY, ServerTLS, TLSPolicy, server_context
 
 DEFAULTS = Timeouts()
 CA = trustme.CA()
 LEAF = CA.issue_cert("localhost", "127.0.0.1")
 
 
-def leaf_context() -> SSL.Context:
+def leaf_context(policy: TLSPolicy = DEFAULT_POLICY) -> SSL.Context:
     """A server context for the test CA's "localhost" certificate."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     chain = [x509.load_pem_x509_certificate(b.bytes()) for b in LEAF.cert_chain_pems]
     key = load_pem_private_key(LEAF.private_key_pem.bytes(), None)
-    return server_context(chain, key)
+    return server_context(chain, key, policy)
 
 
 @implementer(ITCPTransport)
@@ -148,6 +148,7 @@ class Pair:
         timeouts: Timeouts = DEFAULTS,
         header: HeaderEncoder = no_header,
         balancer: bytes | None = None,
+        policy: TLSPolicy = DEFAULT_POLICY,
         **client_options: Any,
     ) -> None:
         """
@@ -167,7 +168,7 @@ class Pair:
             header=header,
         )
         server_factory = TLSMemoryBIOFactory(
-            ServerTLS(leaf_context()), False, relay, self.clock
+            ServerTLS(leaf_context(policy)), False, relay, self.clock
         )
         trust = trustRootFromCertificates(
             [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]

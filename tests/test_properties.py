@@ -202,6 +202,20 @@ VERSIONS = choices(
     tagged(["v1", "v2"], True),
     tagged(["", "v0", "v3", "V1", "v1 ", "1", "none"], False),
 )
+ALPN = choices(
+    tagged(["", "http/1.1", "h2,http/1.1", "x" * 255], True),
+    tagged([",", "h2,", "h2,,x", "a b", "\u00e9", "x" * 256], False),
+)
+TLS_VERSIONS = choices(
+    tagged(["1.2", "1.3"], True),
+    tagged(["1.1", "1", "TLSv1.3", "", " 1.2"], False),
+)
+CIPHERS = choices(
+    tagged(
+        ["ECDHE+AESGCM", "HIGH", "ECDHE-RSA-AES128-GCM-SHA256:ECDHE+CHACHA20"], True
+    ),
+    tagged(["", "NOTHING", "\u00e9"], False),
+)
 CONNECTION_LOGS = choices(
     tagged(["\0/connections.log"], True),
     tagged(["\0", "\0/missing/connections.log", "\0/cert.pem/connections.log"], False),
@@ -222,6 +236,9 @@ OPTIONS: dict[str, Values] = {
     "proxy-protocol": VERSIONS,
     "connection-log": CONNECTION_LOGS,
     "metrics": METRICS,
+    "alpn": ALPN,
+    "tls-min": TLS_VERSIONS,
+    "ciphers": CIPHERS,
 }
 COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
 DEFAULTS: dict[str, str | None] = {

@@ -4,11 +4,13 @@ Unit tests for the command line: one validated model, one-line errors.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import sys
 
+from OpenSSL import SSL
 from twisted.application.service import IService
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -17,6 +19,23 @@ from tlsproxy import tap
 from tlsproxy.relay import Timeouts
 
 from .memory import CA
+
+
+def handshake(
+    server_context: SSL.Context, client_context: SSL.Context
+) -> SSL.Connection:
+    """A TLS handshake between two contexts in memory; the client's end."""
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    for _ in range(4):
+        for this, other in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                this.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                other.bio_write(this.bio_read(1 << 16))
+    return client
 
 
 class OptionsTests(SynchronousTestCase):
@@ -139,6 +158,29 @@ class OptionsTests(SynchronousTestCase):
             ),
             "--idle-timeout a\\nb: not a number of seconds",
         )
+
+    def test_tls_policy(self) -> None:
+        """--alpn, --tls-min and --ciphers are checked and reach the context."""
+        base = ("--connect", "tcp:h:1", "--self-signed", "x")
+        options = self.parse(*base, "--alpn", "h2,http/1.1", "--tls-min", "1.3")
+        client = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        client.set_alpn_protos([b"http/1.1"])
+        self.assertEqual(
+            handshake(options.config.context, client).get_alpn_proto_negotiated(),
+            b"http/1.1",
+        )
+        old_client = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        old_client.set_max_proto_version(SSL.TLS1_2_VERSION)
+        with self.assertRaises(SSL.Error):
+            handshake(options.config.context, old_client)
+        for args, message in [
+            (("--alpn", "h2,,x"), "--alpn h2,,x: names are 1 to 255"),
+            (("--alpn", "é"), "--alpn é: names are 1 to 255"),
+            (("--tls-min", "1.1"), "--tls-min 1.1: must be 1.2 or 1.3"),
+            (("--ciphers", "NOTHING"), "--ciphers NOTHING: no cipher matches"),
+            (("--ciphers", "é"), "--ciphers é: no cipher matches"),
+        ]:
+            self.assertTrue(self.error(*base, *args).startswith(message), args)
 
     def test_timeouts(self) -> None:
         """Timeouts are positive, finite numbers of seconds."""

@@ -14,12 +14,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.tls import (
     ConfigError,
+    TLSPolicy,
     load_certificates,
     load_server_context,
     self_signed,
 )
 
-from .memory import CA
+from .memory import CA, Pair
 
 
 class FilesTests(SynchronousTestCase):
@@ -189,3 +190,55 @@ class PolicyTests(SynchronousTestCase):
             SSL.OP_CIPHER_SERVER_PREFERENCE,
         ):
             self.assertTrue(options & option, option)
+
+
+class NegotiationTests(SynchronousTestCase):
+    """ALPN, the lowest version and the TLS 1.2 ciphers, as configured."""
+
+    def test_alpn_chosen(self) -> None:
+        """The first of the server's protocols that the client offers wins."""
+        pair = Pair(
+            policy=TLSPolicy(alpn=(b"http/1.1", b"h2")),
+            acceptableProtocols=[b"h2", b"http/1.1"],
+        )
+        pair.flush()
+        pair.connect_backend()
+        self.assertEqual(pair.records[0].alpn, "http/1.1")
+        self.assertEqual(pair.client_tls.negotiatedProtocol, b"http/1.1")
+
+    def test_alpn_no_overlap(self) -> None:
+        """A client offering none of them is served without ALPN."""
+        pair = Pair(policy=TLSPolicy(alpn=(b"h2",)), acceptableProtocols=[b"x"])
+        pair.flush()
+        pair.connect_backend()
+        self.assertIsNone(pair.records[0].alpn)
+
+    def test_alpn_by_default(self) -> None:
+        """By default a client's ALPN offer is answered with none (no failure)."""
+        pair = Pair(acceptableProtocols=[b"h2", b"http/1.1"])
+        pair.flush()
+        pair.connect_backend()
+        self.assertIsNone(pair.records[0].alpn)
+
+    def test_tls13_only(self) -> None:
+        """With TLS 1.3 as the lowest version, a TLS 1.2 client fails."""
+        from twisted.internet.ssl import TLSVersion
+
+        pair = Pair(
+            policy=TLSPolicy(minimum=SSL.TLS1_3_VERSION),
+            extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2},
+        )
+        pair.flush()
+        self.assertTrue(pair.records[-1].reason.startswith("TLS error: "))
+
+    def test_ciphers(self) -> None:
+        """A TLS 1.2 client gets a cipher from the configured string."""
+        from twisted.internet.ssl import TLSVersion
+
+        pair = Pair(
+            policy=TLSPolicy(ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"),
+            extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2},
+        )
+        pair.flush()
+        pair.connect_backend()
+        self.assertEqual(pair.records[0].cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")

@@ -813,6 +813,24 @@ class ProtocolPolicyTests(TestCase):
         self.assertIn(b"Cipher is (NONE)", result.stdout, result.stderr)
         self.assertNotRegex(result.stderr, rb"no (protocols|ciphers) available")
 
+    def test_tls_min_13(self) -> None:
+        """With --tls-min 1.3 a TLS 1.2 client is refused and TLS 1.3 served."""
+        proxy, _, _ = http_proxy(self, "--tls-min", "1.3")
+        self.assert_refused(run_s_client(proxy.port, "-tls1_2"))
+        self.assertIn(b"TLSv1.3", run_s_client(proxy.port, "-tls1_3").stdout)
+
+    def test_alpn_with_curl(self) -> None:
+        """
+        With --alpn http/1.1, curl (offering h2 and http/1.1) negotiates
+        http/1.1, and the record says so.
+        """
+        proxy, _, certs = http_proxy(self, "--alpn", "http/1.1")
+        result = run_curl("-v", *verified(proxy, certs), url(proxy))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(
+            result.stderr, rb"ALPN.*accepted.*http/1\.1|server accepted http/1\.1"
+        )
+
     def test_tls11_refused(self) -> None:
         """
         A TLS 1.1 client (one that would accept any cipher) cannot connect.

@@ -35,7 +35,13 @@ from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
 from .service import Limits, ProxyConfig, proxy_service
-from .tls import ConfigError, load_server_context, self_signed
+from .tls import (
+    TLS12_CIPHERS,
+    ConfigError,
+    TLSPolicy,
+    load_server_context,
+    self_signed,
+)
 
 _log = Logger(namespace="tlsproxy")
 
@@ -59,7 +65,7 @@ def _count(option: str, text: str | None) -> float:
     """A positive whole number, or no limit (infinity) when not given."""
     if text is None:
         return math.inf
-    if not re.fullmatch("[1-9][0-9]{0,17}", text):
+    if not re.fullmatch("0*[1-9][0-9]{0,17}", text):
         raise ConfigError(f"{option} {text}: must be a positive whole number")
     return int(text)
 
@@ -98,6 +104,9 @@ class Options(usage.Options):
         ["max-connections-per-client", None, None, "From one address at most."],
         ["drain-timeout", None, "10", "Seconds for live connections on SIGTERM."],
         ["metrics", None, None, "Serve Prometheus metrics on this endpoint."],
+        ["alpn", None, "", "ALPN protocols to offer, e.g. http/1.1 [default: none]."],
+        ["tls-min", None, "1.2", "The lowest TLS version: 1.2 or 1.3."],
+        ["ciphers", None, TLS12_CIPHERS, "TLS 1.2 ciphers (OpenSSL cipher string)."],
     ]
 
     fingerprint: str | None = None
@@ -150,16 +159,49 @@ class Options(usage.Options):
         return ENCODERS[version]
 
     def _context(self) -> SSL.Context:
+        policy = TLSPolicy(
+            alpn=_protocols(self["alpn"]),
+            minimum=_tls_version(self["tls-min"]),
+            ciphers=_ciphers(self["ciphers"]),
+        )
         name = self["self-signed"]
         if name is not None:
             if self["cert"] or self["key"]:
                 raise ConfigError(f"--self-signed {name}: not with --cert or --key")
-            made = self_signed(name)
+            made = self_signed(name, policy)
             self.fingerprint = made.fingerprint
             return made.context
         if self["cert"] is None:
             raise ConfigError("--cert FILE (or --self-signed NAME) is required")
-        return load_server_context(self["cert"], self["key"])
+        return load_server_context(self["cert"], self["key"], policy)
+
+
+_TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+
+def _tls_version(text: str) -> int:
+    if text not in _TLS_VERSIONS:
+        raise ConfigError(f"--tls-min {text}: must be 1.2 or 1.3")
+    return _TLS_VERSIONS[text]
+
+
+def _protocols(text: str) -> tuple[bytes, ...]:
+    """ALPN protocol names, comma-separated: printable ASCII, 1 to 255 bytes."""
+    if not text:
+        return ()
+    names = text.split(",")
+    if not all(re.fullmatch("[!-~]{1,255}", name) for name in names):
+        raise ConfigError(f"--alpn {text}: names are 1 to 255 printable ASCII bytes")
+    return tuple(name.encode("ascii") for name in names)
+
+
+def _ciphers(text: str) -> str:
+    """An OpenSSL cipher string that matches at least one TLS 1.2 cipher."""
+    try:
+        SSL.Context(SSL.TLS_SERVER_METHOD).set_cipher_list(text.encode("ascii"))
+    except (SSL.Error, UnicodeError):
+        raise ConfigError(f"--ciphers {text}: no cipher matches") from None
+    return text
 
 
 class StartupError(Exception):

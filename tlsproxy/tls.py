@@ -9,6 +9,7 @@ becomes a L{ConfigError} whose message names the option and the value.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 
 import attrs
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from OpenSSL.SSL import _NoOverlappingProtocols  # (its type, for mypy)
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -91,11 +93,41 @@ def load_key(path: str) -> PrivateKeyTypes:
         ) from None
 
 
-def server_context(chain: list[x509.Certificate], key: PrivateKeyTypes) -> SSL.Context:
+@attrs.frozen(kw_only=True)
+class TLSPolicy:
+    """
+    What the server offers beyond its certificate: ALPN protocols, in its
+    order of preference (none by default); the lowest TLS version (1.2 or
+    1.3); the TLS 1.2 cipher string (TLS 1.3's suites are all AEAD).
+    """
+
+    alpn: tuple[bytes, ...] = ()
+    minimum: int = SSL.TLS1_2_VERSION
+    ciphers: str = TLS12_CIPHERS
+
+
+DEFAULT_POLICY = TLSPolicy()
+
+
+def _choose_protocol(
+    ours: tuple[bytes, ...], connection: SSL.Connection, theirs: list[bytes]
+) -> bytes | _NoOverlappingProtocols:
+    """
+    The first of our ALPN protocols that the client offers; else none, and
+    the handshake goes on without ALPN (as nginx does).
+    """
+    return next((p for p in ours if p in theirs), SSL.NO_OVERLAPPING_PROTOCOLS)
+
+
+def server_context(
+    chain: list[x509.Certificate],
+    key: PrivateKeyTypes,
+    policy: TLSPolicy = DEFAULT_POLICY,
+) -> SSL.Context:
     """
     Build the server's OpenSSL context: TLS 1.2 and 1.3 only, forward-secret
     AEAD ciphers in the server's order, no compression, no renegotiation,
-    session resumption by session ID and by ticket.
+    session resumption by session ID and by ticket; and C{policy}.
 
     @param chain: the leaf certificate first, then its chain.
     @param key: the leaf's private key, as C{cryptography} loaded it.
@@ -104,12 +136,15 @@ def server_context(chain: list[x509.Certificate], key: PrivateKeyTypes) -> SSL.C
         key does not match the certificate.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_min_proto_version(policy.minimum)
     context.set_options(_OPTIONS)
     # Free a connection's read and write buffers while idle: 29 KiB per idle
     # connection instead of 50 (bench/bench.py), at no cost in throughput.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.set_cipher_list(policy.ciphers.encode("ascii"))
+    # Always a callback, so that a client's ALPN offer never fails the
+    # handshake (Twisted 26.10's own contexts abort it, see DESIGN.md).
+    context.set_alpn_select_callback(functools.partial(_choose_protocol, policy.alpn))
     context.set_session_id(b"tlsproxy")
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     context.use_certificate(chain[0])
@@ -120,7 +155,9 @@ def server_context(chain: list[x509.Certificate], key: PrivateKeyTypes) -> SSL.C
     return context
 
 
-def load_server_context(cert_path: str, key_path: str | None = None) -> SSL.Context:
+def load_server_context(
+    cert_path: str, key_path: str | None = None, policy: TLSPolicy = DEFAULT_POLICY
+) -> SSL.Context:
     """
     The server context for C{--cert cert_path --key key_path}; the key
     defaults to the certificate's file, as stunnel's does.
@@ -131,7 +168,7 @@ def load_server_context(cert_path: str, key_path: str | None = None) -> SSL.Cont
     chain = load_certificates(cert_path)
     key = load_key(key_path)
     try:
-        return server_context(chain, key)
+        return server_context(chain, key, policy)
     except (SSL.Error, TypeError) as e:  # TypeError: a key type OpenSSL won't use
         reason = openssl_reasons(e)
         raise ConfigError(f"--cert {cert_path} --key {key_path}: {reason}") from None
@@ -156,7 +193,7 @@ class SelfSigned:
     fingerprint: str  # SHA-256, colon-separated hex, as openssl prints it
 
 
-def self_signed(name: str) -> SelfSigned:
+def self_signed(name: str, policy: TLSPolicy = DEFAULT_POLICY) -> SelfSigned:
     """
     Make a P-256 key and a 30-day self-signed certificate for C{name} (a DNS
     name or an IP address).
@@ -183,7 +220,7 @@ def self_signed(name: str) -> SelfSigned:
     )
     digest = certificate.fingerprint(hashes.SHA256())
     return SelfSigned(
-        context=server_context([certificate], key),
+        context=server_context([certificate], key, policy),
         fingerprint=":".join(f"{byte:02X}" for byte in digest),
     )
 
