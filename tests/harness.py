@@ -766,6 +766,7 @@ class TwistdProxy:
         except BaseException:
             self.stop(check=False)
             raise
+        self.started_rss = self.rss_bytes()
 
     def log_text(self) -> str:
         """

@@ -131,10 +131,14 @@ def fd_baseline(proxy: TwistdProxy, certs: Certificates) -> int:
 
 def still_serves(proxy: TwistdProxy, certs: Certificates, baseline: int) -> None:
     """
-    Check that a normal request succeeds and the fd count returns to baseline.
+    Check that a normal request succeeds, the fd count returns to baseline,
+    and memory stays within 32 MiB of what the proxy had when it started.
     """
     get_hello(proxy, certs)
     proxy.wait_for_fd_count(baseline)
+    grown = proxy.rss_bytes() - proxy.started_rss
+    if grown > 32 * MIB:
+        raise AssertionError(f"the proxy's RSS grew by {grown} bytes")
 
 
 def wait_for_end(sock: socket.socket) -> None:
