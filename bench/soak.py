@@ -300,8 +300,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--connections", type=int, default=100, metavar="N")
     parser.add_argument("--minutes", type=float, default=1, metavar="M")
-    parser.add_argument("--interval", type=float, default=30, metavar="S")
-    parser.add_argument("--pause", type=float, default=1, metavar="S")
+    parser.add_argument("--interval", type=float, default=30, help="report period, s")
+    parser.add_argument(
+        "--pause", type=float, default=1, help="mean s between exchanges"
+    )
     parser.add_argument("--backend", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
