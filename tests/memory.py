@@ -31,7 +31,14 @@ from zope.interface import implementer
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.tls import DEFAULT_POLICY, ServerTLS, TLSPolicy, server_context
+from tlsproxy.tls import (
+    ANY_CERTIFICATE,
+    DEFAULT_POLICY,
+    AllowList,
+    ServerTLS,
+    TLSPolicy,
+    server_context,
+)
 
 DEFAULTS = Timeouts()
 CA = trustme.CA()
@@ -149,6 +156,7 @@ class Pair:
         header: HeaderEncoder = no_header,
         balancer: bytes | None = None,
         policy: TLSPolicy = DEFAULT_POLICY,
+        allow: AllowList = ANY_CERTIFICATE,
         **client_options: Any,
     ) -> None:
         """
@@ -166,6 +174,7 @@ class Pair:
             timeouts=timeouts,
             service="test",
             header=header,
+            allow=allow,
         )
         server_factory = TLSMemoryBIOFactory(
             ServerTLS(leaf_context(policy)), False, relay, self.clock

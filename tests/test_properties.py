@@ -216,6 +216,10 @@ CIPHERS = choices(
     ),
     tagged(["", "NOTHING", "\u00e9"], False),
 )
+CLIENT_CAS = choices(
+    tagged(["\0/cert.pem", "\0/both.pem"], True),
+    tagged(["\0/key.pem", "\0/garbage.pem", "\0/missing.pem", "\0"], False),
+)
 CONNECTION_LOGS = choices(
     tagged(["\0/connections.log"], True),
     tagged(["\0", "\0/missing/connections.log", "\0/cert.pem/connections.log"], False),
@@ -239,6 +243,7 @@ OPTIONS: dict[str, Values] = {
     "alpn": ALPN,
     "tls-min": TLS_VERSIONS,
     "ciphers": CIPHERS,
+    "client-ca": CLIENT_CAS,
 }
 COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
 DEFAULTS: dict[str, str | None] = {

@@ -182,6 +182,43 @@ class OptionsTests(SynchronousTestCase):
         ]:
             self.assertTrue(self.error(*base, *args).startswith(message), args)
 
+    def test_client_certificates(self) -> None:
+        """--client-ca and --allow-* (repeatable) make the allow list."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        ca = os.path.join(directory, "ca.pem")
+        CA.cert_pem.write_to_path(ca)
+        base = ("--connect", "tcp:h:1", "--self-signed", "x")
+        options = self.parse(
+            *base,
+            "--client-ca",
+            ca,
+            "--allow-cn",
+            "a",
+            "--allow-cn",
+            "b",
+            "--allow-ou",
+            "ops",
+            "--allow-dns",
+            "c.example",
+            "--allow-uri",
+            "spiffe://x",
+        )
+        allow = options.config.allow
+        self.assertEqual(allow.cn, frozenset({"a", "b"}))
+        self.assertEqual(
+            (allow.ou, allow.dns, allow.uri),
+            (frozenset({"ops"}), frozenset({"c.example"}), frozenset({"spiffe://x"})),
+        )
+        self.assertEqual(
+            self.error(*base, "--allow-cn", "a"),
+            "--allow-cn, -ou, -dns and -uri need --client-ca",
+        )
+        self.assertEqual(
+            self.error(*base, "--client-ca", directory),
+            f"--client-ca {directory}: Is a directory",
+        )
+
     def test_timeouts(self) -> None:
         """Timeouts are positive, finite numbers of seconds."""
         base = ("--connect", "tcp:h:1", "--self-signed", "x")

@@ -13,9 +13,12 @@ from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.tls import (
+    ANY_CERTIFICATE,
+    AllowList,
     ConfigError,
     TLSPolicy,
     load_certificates,
+    load_client_cas,
     load_server_context,
     self_signed,
 )
@@ -242,3 +245,154 @@ class NegotiationTests(SynchronousTestCase):
         pair.flush()
         pair.connect_backend()
         self.assertEqual(pair.records[0].cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+
+class ClientCertificateTests(SynchronousTestCase):
+    """--client-ca and --allow-*: who gets in with which certificate."""
+
+    def setUp(self) -> None:
+        self.ca = x509.load_pem_x509_certificate(CA.cert_pem.bytes())
+        self.certificate, self.key_pem = client_certificate(self.ca)
+
+    def pair(self, allow: AllowList = ANY_CERTIFICATE, present: bool = True) -> Pair:
+        from twisted.internet.ssl import PrivateCertificate
+
+        options = {}
+        if present:
+            options["clientCertificate"] = PrivateCertificate.loadPEM(
+                self.certificate.public_bytes(serialization.Encoding.PEM) + self.key_pem
+            )
+        pair = Pair(policy=TLSPolicy(client_cas=(self.ca,)), allow=allow, **options)
+        pair.flush()
+        return pair
+
+    def test_allow_lists(self) -> None:
+        """Any listed CN, OU, DNS or URI name lets the certificate in."""
+        for allow in [
+            ANY_CERTIFICATE,
+            AllowList(cn=frozenset({"other", "client-1"})),
+            AllowList(ou=frozenset({"ops"})),
+            AllowList(dns=frozenset({"client.example"})),
+            AllowList(uri=frozenset({"spiffe://example/client"})),
+        ]:
+            self.assertIsNone(allow.refusal(self.certificate), allow)
+        refused = AllowList(cn=frozenset({"other"}), dns=frozenset({"x.example"}))
+        self.assertEqual(
+            refused.refusal(self.certificate), "client certificate not allowed"
+        )
+        self.assertEqual(refused.refusal(None), "client certificate not allowed")
+        self.assertIsNone(ANY_CERTIFICATE.refusal(None))
+
+    def test_no_alternative_names(self) -> None:
+        """A certificate without subjectAltName is judged by its subject."""
+        bare = x509.load_pem_x509_certificate(self_signed_pem("bare"))
+        self.assertIsNone(AllowList(cn=frozenset({"bare"})).refusal(bare))
+
+    def test_signed_client_let_in(self) -> None:
+        """A client with a certificate the CA signed reaches the backend."""
+        pair = self.pair(AllowList(cn=frozenset({"client-1"})))
+        pair.connect_backend()
+        record = pair.records[0]
+        self.assertEqual(record.client_cert, self.certificate.subject.rfc4514_string())
+        self.assertIn("CN=client-1", record.client_cert)
+
+    def test_not_allowed(self) -> None:
+        """A signed certificate that no --allow-* lists is closed and logged."""
+        pair = self.pair(AllowList(cn=frozenset({"someone-else"})))
+        [record] = pair.records
+        self.assertEqual(record.reason, "client certificate not allowed")
+        self.assertIn("CN=client-1", record.client_cert)
+        self.assertEqual(pair.endpoint.attempts, [])
+
+    def test_no_certificate(self) -> None:
+        """A client without a certificate fails its handshake."""
+        pair = self.pair(present=False)
+        [record] = pair.records
+        self.assertTrue(record.reason.startswith("TLS error: "), record.reason)
+        self.assertEqual(pair.endpoint.attempts, [])
+
+    def test_load_client_cas(self) -> None:
+        """The CA file is read at start-up; a bad one is a one-line error."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        good = os.path.join(directory, "ca.pem")
+        CA.cert_pem.write_to_path(good)
+        self.assertEqual(load_client_cas(good), (self.ca,))
+        bad = os.path.join(directory, "bad.pem")
+        with open(bad, "wb") as f:
+            f.write(b"junk")
+        with self.assertRaises(ConfigError) as caught:
+            load_client_cas(bad)
+        self.assertEqual(
+            str(caught.exception), f"--client-ca {bad}: no PEM certificate found"
+        )
+
+
+def self_signed_pem(name: str) -> bytes:
+    """A self-signed certificate for CN=name without subjectAltName."""
+    import datetime
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def client_certificate(ca: x509.Certificate) -> tuple[x509.Certificate, bytes]:
+    """
+    A client certificate that the test CA signed: CN client-1, OU ops, DNS
+    client.example, URI spiffe://example/client; and its key, in PEM.
+    """
+    import datetime
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_key = serialization.load_pem_private_key(CA.private_key_pem.bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, "client-1"),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ops"),
+                ]
+            )
+        )
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("client.example"),
+                    x509.UniformResourceIdentifier("spiffe://example/client"),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certificate, key_pem

@@ -882,3 +882,50 @@ class ProtocolPolicyTests(TestCase):
             ":ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES128-SHA256",
         ):
             self.assert_refused(run_s_client(proxy.port, "-tls1_2", "-cipher", suites))
+
+
+class ClientCertificateTests(TestCase):
+    """--client-ca and --allow-cn with a real curl presenting a certificate."""
+
+    def test_client_certificates(self) -> None:
+        """
+        A client with a certificate from the --client-ca is served; one
+        without a certificate, or with a name no --allow-cn lists, is not,
+        and the log says why.
+        """
+        import trustme
+
+        directory = temp_dir(self)
+        authority = trustme.CA()
+        client = authority.issue_cert("client.example", common_name="client-1")
+        (directory / "client-ca.pem").write_bytes(authority.cert_pem.bytes())
+        client_pem = directory / "client.pem"
+        client_pem.write_bytes(
+            client.cert_chain_pems[0].bytes() + client.private_key_pem.bytes()
+        )
+        certs = certificates(self)
+        backend = start_http_backend(self)
+
+        def proxy(*allow: str) -> TwistdProxy:
+            return start_proxy(
+                self,
+                *connect_to(backend.port),
+                *tls_args(certs),
+                "--client-ca",
+                str(directory / "client-ca.pem"),
+                *allow,
+            )
+
+        served = proxy("--allow-cn", "client-1")
+        body = curl_ok(*verified(served, certs), "--cert", str(client_pem), url(served))
+        self.assertEqual(body, HELLO)
+        self.assertNotEqual(
+            run_curl(*verified(served, certs), url(served)).returncode, 0
+        )
+        served.wait_for_log(r"closed: TLS error")
+        refused = proxy("--allow-cn", "someone-else")
+        result = run_curl(
+            *verified(refused, certs), "--cert", str(client_pem), url(refused)
+        )
+        self.assertNotEqual(result.returncode, 0)
+        refused.wait_for_log(r"closed: client certificate not allowed")

@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from .proxyheader import HeaderEncoder, no_header
 from .record import ConnectionRecord, RecordObserver, host_port
-from .tls import openssl_reasons
+from .tls import ANY_CERTIFICATE, AllowList, openssl_reasons
 
 
 @attrs.frozen(kw_only=True)
@@ -196,6 +196,7 @@ class RelayFactory(ServerFactory):
         timeouts: Timeouts,
         service: str,
         header: HeaderEncoder = no_header,
+        allow: AllowList = ANY_CERTIFICATE,
     ) -> None:
         self.connect = connect
         self.clock = clock
@@ -203,6 +204,7 @@ class RelayFactory(ServerFactory):
         self.timeouts = timeouts
         self.service = service
         self.header = header
+        self.allow = allow
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> ClientSide:
@@ -292,6 +294,7 @@ class ClientSide(Protocol):
         self._handshake_done = self._relay.clock.seconds()
         self._note_addresses()
         tls = self.transport.getHandle()
+        certificate = tls.get_peer_certificate(as_cryptography=True)
         self._record = attrs.evolve(
             self._record,
             handshake_time=self._handshake_done - self._record.opened,
@@ -299,7 +302,12 @@ class ClientSide(Protocol):
             cipher=tls.get_cipher_name(),
             sni=_text(tls.get_servername()),
             alpn=_text(tls.get_alpn_proto_negotiated()),
+            client_cert=certificate and certificate.subject.rfc4514_string(),
         )
+        refusal = self._relay.allow.refusal(certificate)
+        if refusal is not None:
+            self.abort(refusal)
+            return
         self.transport.pauseProducing()
         self._arm(self._relay.timeouts.connect, "backend connect timeout")
         attempt = self._relay.connect.connect(_BackendFactory(self))

@@ -28,7 +28,7 @@ from typing_extensions import override
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
-from .tls import ServerTLS
+from .tls import ANY_CERTIFICATE, AllowList, ServerTLS
 
 _log = Logger(namespace="tlsproxy")
 
@@ -63,6 +63,7 @@ class ProxyConfig:
     service: str = "tlsproxy"
     header: HeaderEncoder = no_header
     limits: Limits = attrs.field(factory=Limits)
+    allow: AllowList = ANY_CERTIFICATE
 
 
 class _Refused(Protocol):
@@ -192,6 +193,7 @@ def proxy_service(
         timeouts=config.timeouts,
         service=config.service,
         header=config.header,
+        allow=config.allow,
     )
     tls = LimitedTLSFactory(config.context, relay, clock, config.limits)
     listening = strports.service(config.listen, tls, reactor=reactor)

@@ -37,13 +37,16 @@ from .relay import Timeouts
 from .service import Limits, ProxyConfig, proxy_service
 from .tls import (
     TLS12_CIPHERS,
+    AllowList,
     ConfigError,
     TLSPolicy,
+    load_client_cas,
     load_server_context,
     self_signed,
 )
 
 _log = Logger(namespace="tlsproxy")
+_ALLOW_KINDS = ("cn", "ou", "dns", "uri")
 
 
 def _one_line_of(text: str) -> str:
@@ -107,7 +110,30 @@ class Options(usage.Options):
         ["alpn", None, "", "ALPN protocols to offer, e.g. http/1.1 [default: none]."],
         ["tls-min", None, "1.2", "The lowest TLS version: 1.2 or 1.3."],
         ["ciphers", None, TLS12_CIPHERS, "TLS 1.2 ciphers (OpenSSL cipher string)."],
+        ["client-ca", None, None, "Require client certificates signed by this CA."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.allowed: dict[str, set[str]] = {
+            k: set() for k in ("cn", "ou", "dns", "uri")
+        }
+
+    def opt_allow_cn(self, name: str) -> None:
+        """Let in client certificates with this subject CN (repeatable)."""
+        self.allowed["cn"].add(name)
+
+    def opt_allow_ou(self, name: str) -> None:
+        """Let in client certificates with this subject OU (repeatable)."""
+        self.allowed["ou"].add(name)
+
+    def opt_allow_dns(self, name: str) -> None:
+        """Let in client certificates with this DNS name (repeatable)."""
+        self.allowed["dns"].add(name)
+
+    def opt_allow_uri(self, name: str) -> None:
+        """Let in client certificates with this URI name (repeatable)."""
+        self.allowed["uri"].add(name)
 
     fingerprint: str | None = None
 
@@ -131,6 +157,7 @@ class Options(usage.Options):
                 idle=_seconds("--idle-timeout", self["idle-timeout"]),
             ),
             header=self._header(),
+            allow=self._allow(),
             limits=Limits(
                 total=_count("--max-connections", self["max-connections"]),
                 per_client=_count(
@@ -158,11 +185,18 @@ class Options(usage.Options):
             raise ConfigError(f"--proxy-protocol {version}: must be v1 or v2")
         return ENCODERS[version]
 
+    def _allow(self) -> AllowList:
+        if self["client-ca"] is None and any(self.allowed.values()):
+            raise ConfigError("--allow-cn, -ou, -dns and -uri need --client-ca")
+        return AllowList(**{kind: frozenset(v) for kind, v in self.allowed.items()})
+
     def _context(self) -> SSL.Context:
+        client_ca = self["client-ca"]
         policy = TLSPolicy(
             alpn=_protocols(self["alpn"]),
             minimum=_tls_version(self["tls-min"]),
             ciphers=_ciphers(self["ciphers"]),
+            client_cas=() if client_ca is None else load_client_cas(client_ca),
         )
         name = self["self-signed"]
         if name is not None:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL.SSL import _NoOverlappingProtocols  # (its type, for mypy)
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -104,6 +104,8 @@ class TLSPolicy:
     alpn: tuple[bytes, ...] = ()
     minimum: int = SSL.TLS1_2_VERSION
     ciphers: str = TLS12_CIPHERS
+    # Client certificates: required, and signed by one of these, if any.
+    client_cas: tuple[x509.Certificate, ...] = ()
 
 
 DEFAULT_POLICY = TLSPolicy()
@@ -152,7 +154,84 @@ def server_context(
         context.add_extra_chain_cert(extra)
     context.use_privatekey(key)  # type: ignore[arg-type]
     context.check_privatekey()
+    if policy.client_cas:
+        _require_client_certificates(context, policy.client_cas)
     return context
+
+
+def _require_client_certificates(
+    context: SSL.Context, authorities: tuple[x509.Certificate, ...]
+) -> None:
+    """Ask for a client certificate, name C{authorities}, and verify with them."""
+    store = context.get_cert_store()
+    assert store is not None
+    for authority in authorities:
+        store.add_cert(crypto.X509.from_cryptography(authority))
+    context.set_client_ca_list(
+        [crypto.X509.from_cryptography(a).get_subject() for a in authorities]
+    )
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+
+
+def load_client_cas(path: str) -> tuple[x509.Certificate, ...]:
+    """
+    The certificate authorities in the PEM file C{path}, given by
+    C{--client-ca}.
+
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    data = _read("--client-ca", path)
+    try:
+        return tuple(x509.load_pem_x509_certificates(data))
+    except ValueError:
+        raise ConfigError(f"--client-ca {path}: no PEM certificate found") from None
+
+
+@attrs.frozen(kw_only=True)
+class AllowList:
+    """
+    Which client certificates are let in, as ghostunnel's C{--allow-*}: one
+    with any of these subject CNs or OUs, or subjectAltName DNS names or
+    URIs.  With no entry at all, any certificate the CA signed.
+    """
+
+    cn: frozenset[str] = frozenset()
+    ou: frozenset[str] = frozenset()
+    dns: frozenset[str] = frozenset()
+    uri: frozenset[str] = frozenset()
+
+    def refusal(self, certificate: x509.Certificate | None) -> str | None:
+        """Why C{certificate} is not let in, or C{None} if it is."""
+        wanted = {
+            (kind, value)
+            for kind, values in attrs.asdict(self).items()
+            for value in values
+        }
+        if not wanted or wanted & _names(certificate):
+            return None
+        return "client certificate not allowed"
+
+
+ANY_CERTIFICATE = AllowList()
+_CN, _OU = NameOID.COMMON_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME
+
+
+def _names(certificate: x509.Certificate | None) -> set[tuple[str, str]]:
+    """The names of C{certificate} that an L{AllowList} can list."""
+    if certificate is None:
+        return set()
+    subject = certificate.subject
+    names = {("cn", str(a.value)) for a in subject.get_attributes_for_oid(_CN)}
+    names |= {("ou", str(a.value)) for a in subject.get_attributes_for_oid(_OU)}
+    try:
+        alternative = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return names
+    names |= {("dns", n) for n in alternative.get_values_for_type(x509.DNSName)}
+    uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
+    return names | {("uri", n) for n in uris}
 
 
 def load_server_context(
