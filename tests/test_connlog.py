@@ -54,6 +54,7 @@ FIELDS = [
     "sni",
     "alpn",
     "client_cert",
+    "client_cn",
     "reason",
 ]
 

@@ -141,6 +141,16 @@ class V2Tests(SynchronousTestCase):
             tlvs(ssl[5:]), {0x21: b"TLSv1.3", 0x23: b"TLS_AES_256_GCM_SHA384"}
         )
 
+    def test_client_certificate(self) -> None:
+        """A client certificate sets the SSL TLV's certificate flags and its CN."""
+        record = attrs.evolve(
+            IPV4, client_cert="CN=client-1,OU=ops", client_cn="client-1"
+        )
+        ssl = v2_parts(v2(record))[2][0x20]
+        client, verify = struct.unpack("!BI", ssl[:5])
+        self.assertEqual((client, verify), (0x07, 0))
+        self.assertEqual(tlvs(ssl[5:])[0x22], b"client-1")
+
     def test_absent_values_left_out(self) -> None:
         """A fact the connection does not have (no SNI, no ALPN) has no TLV."""
         _, _, found = v2_parts(v2(attrs.evolve(IPV4, sni=None, alpn=None)))

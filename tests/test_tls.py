@@ -21,6 +21,7 @@ from tlsproxy.tls import (
     load_client_cas,
     load_server_context,
     self_signed,
+    subject_and_cn,
 )
 
 from .memory import CA, Pair
@@ -295,6 +296,20 @@ class ClientCertificateTests(SynchronousTestCase):
         record = pair.records[0]
         self.assertEqual(record.client_cert, self.certificate.subject.rfc4514_string())
         self.assertIn("CN=client-1", record.client_cert)
+        self.assertEqual(record.client_cn, "client-1")
+
+    def test_subject_without_cn(self) -> None:
+        """A subject without a CN has a subject but no CN."""
+        from cryptography.x509.oid import NameOID
+
+        certificate = x509.load_pem_x509_certificate(self_signed_pem("bare"))
+        bare = certificate.subject.rfc4514_string()
+        self.assertEqual(subject_and_cn(certificate), (bare, "bare"))
+        self.assertEqual(subject_and_cn(None), (None, None))
+        no_cn = x509.load_pem_x509_certificate(
+            self_signed_pem("x", NameOID.ORGANIZATIONAL_UNIT_NAME)
+        )
+        self.assertEqual(subject_and_cn(no_cn), ("OU=x", None))
 
     def test_not_allowed(self) -> None:
         """A signed certificate that no --allow-* lists is closed and logged."""
@@ -328,15 +343,15 @@ class ClientCertificateTests(SynchronousTestCase):
         )
 
 
-def self_signed_pem(name: str) -> bytes:
-    """A self-signed certificate for CN=name without subjectAltName."""
+def self_signed_pem(name: str, oid: x509.ObjectIdentifier | None = None) -> bytes:
+    """A self-signed certificate for CN=name (or OID=name), no subjectAltName."""
     import datetime
 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(oid or NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()

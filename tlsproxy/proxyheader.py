@@ -25,7 +25,9 @@ PP2_TYPE_UNIQUE_ID = 0x05
 PP2_TYPE_SSL = 0x20
 PP2_SUBTYPE_SSL_VERSION = 0x21
 PP2_SUBTYPE_SSL_CIPHER = 0x23
+PP2_SUBTYPE_SSL_CN = 0x22
 PP2_CLIENT_SSL = 0x01
+PP2_CLIENT_CERT = 0x02 | 0x04  # PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
 
 
 def no_header(record: ConnectionRecord) -> bytes:
@@ -74,7 +76,8 @@ def v2(record: ConnectionRecord) -> bytes:
     """
     The version 2 (binary) header: addresses (AF_UNSPEC when they are not
     IP), then TLVs: ALPN, AUTHORITY (the SNI name), UNIQUE_ID (the record's
-    id), and SSL with its VERSION and CIPHER sub-TLVs.  A TLV whose value
+    id), and SSL with its VERSION, CN (of a client certificate) and CIPHER
+    sub-TLVs.  A TLV whose value
     the connection does not have is left out.
     """
     addresses = _addresses(record)
@@ -87,9 +90,13 @@ def v2(record: ConnectionRecord) -> bytes:
             + destination.packed
             + struct.pack("!HH", record.client_port, record.listen_port)
         )
+    cert_flags = 0 if record.client_cert is None else PP2_CLIENT_CERT
     ssl = (
-        struct.pack("!BI", PP2_CLIENT_SSL, 0)  # TLS; verify result 0 (OK)
+        # TLS, a client certificate or not; verify result 0: OK (a client
+        # certificate that fails verification fails the handshake).
+        struct.pack("!BI", PP2_CLIENT_SSL | cert_flags, 0)
         + _tlv(PP2_SUBTYPE_SSL_VERSION, record.tls_version)
+        + _tlv(PP2_SUBTYPE_SSL_CN, record.client_cn)
         + _tlv(PP2_SUBTYPE_SSL_CIPHER, record.cipher)
     )
     body += (

@@ -48,6 +48,7 @@ class ConnectionRecord:
     sni: str | None = None
     alpn: str | None = None
     client_cert: str | None = None
+    client_cn: str | None = None
     reason: str | None = None
 
 

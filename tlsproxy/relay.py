@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from .proxyheader import HeaderEncoder, no_header
 from .record import ConnectionRecord, RecordObserver, host_port
-from .tls import ANY_CERTIFICATE, AllowList, openssl_reasons
+from .tls import ANY_CERTIFICATE, AllowList, openssl_reasons, subject_and_cn
 
 
 @attrs.frozen(kw_only=True)
@@ -295,6 +295,7 @@ class ClientSide(Protocol):
         self._note_addresses()
         tls = self.transport.getHandle()
         certificate = tls.get_peer_certificate(as_cryptography=True)
+        subject, cn = subject_and_cn(certificate)
         self._record = attrs.evolve(
             self._record,
             handshake_time=self._handshake_done - self._record.opened,
@@ -302,7 +303,8 @@ class ClientSide(Protocol):
             cipher=tls.get_cipher_name(),
             sni=_text(tls.get_servername()),
             alpn=_text(tls.get_alpn_proto_negotiated()),
-            client_cert=certificate and certificate.subject.rfc4514_string(),
+            client_cert=subject,
+            client_cn=cn,
         )
         refusal = self._relay.allow.refusal(certificate)
         if refusal is not None:

@@ -213,6 +213,18 @@ class AllowList:
 
 
 ANY_CERTIFICATE = AllowList()
+
+
+def subject_and_cn(
+    certificate: x509.Certificate | None,
+) -> tuple[str | None, str | None]:
+    """A client certificate's subject (as RFC 4514 writes it) and first CN."""
+    if certificate is None:
+        return None, None
+    cns = certificate.subject.get_attributes_for_oid(_CN)
+    return certificate.subject.rfc4514_string(), (str(cns[0].value) if cns else None)
+
+
 _CN, _OU = NameOID.COMMON_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME
 
 
