@@ -199,15 +199,18 @@ class AllowList:
     ou: frozenset[str] = frozenset()
     dns: frozenset[str] = frozenset()
     uri: frozenset[str] = frozenset()
+    # The same, as the (kind, name) pairs that _names gives: made once here,
+    # not for every handshake.
+    _wanted: frozenset[tuple[str, str]] = attrs.field(init=False, eq=False)
+
+    @_wanted.default
+    def _pairs(self) -> frozenset[tuple[str, str]]:
+        kinds = {"cn": self.cn, "ou": self.ou, "dns": self.dns, "uri": self.uri}
+        return frozenset((k, name) for k, names in kinds.items() for name in names)
 
     def refusal(self, certificate: x509.Certificate | None) -> str | None:
         """Why C{certificate} is not let in, or C{None} if it is."""
-        wanted = {
-            (kind, value)
-            for kind, values in attrs.asdict(self).items()
-            for value in values
-        }
-        if not wanted or wanted & _names(certificate):
+        if not self._wanted or self._wanted & _names(certificate):
             return None
         return "client certificate not allowed"
 
