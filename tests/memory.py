@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import trustme
-from OpenSSL import SSL
+from cryptography import x509
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionLost
@@ -35,9 +35,11 @@ from tlsproxy.tls import (
     ANY_CERTIFICATE,
     DEFAULT_POLICY,
     AllowList,
+    Certificates,
+    Credentials,
+    Identity,
     ServerTLS,
     TLSPolicy,
-    server_context,
 )
 
 DEFAULTS = Timeouts()
@@ -45,14 +47,28 @@ CA = trustme.CA()
 LEAF = CA.issue_cert("localhost", "127.0.0.1")
 
 
-def leaf_context(policy: TLSPolicy = DEFAULT_POLICY) -> SSL.Context:
-    """A server context for the test CA's "localhost" certificate."""
+def identity(leaf: trustme.LeafCert = LEAF) -> Identity:
+    """The test CA's C{leaf} certificate ("localhost" by default)."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    chain = [x509.load_pem_x509_certificate(b.bytes()) for b in LEAF.cert_chain_pems]
-    key = load_pem_private_key(LEAF.private_key_pem.bytes(), None)
-    return server_context(chain, key, policy)
+    chain = [x509.load_pem_x509_certificate(b.bytes()) for b in leaf.cert_chain_pems]
+    key = load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    return Identity(tuple(chain), key, "test")
+
+
+def leaf_certificates(
+    policy: TLSPolicy = DEFAULT_POLICY,
+    client_cas: tuple[x509.Certificate, ...] = (),
+    leaves: tuple[trustme.LeafCert, ...] = (LEAF,),
+    strict: bool = False,
+) -> Certificates:
+    """
+    Certificates for the test CA's C{leaves} (the first is the default),
+    requiring client certificates signed by C{client_cas}, if any.
+    """
+    made = Credentials(tuple(identity(leaf) for leaf in leaves), client_cas)
+    return Certificates(lambda: made, policy, strict)
 
 
 @implementer(ITCPTransport)
@@ -157,6 +173,8 @@ class Pair:
         balancer: bytes | None = None,
         policy: TLSPolicy = DEFAULT_POLICY,
         allow: AllowList = ANY_CERTIFICATE,
+        client_cas: tuple[x509.Certificate, ...] = (),
+        certificates: Certificates | None = None,
         **client_options: Any,
     ) -> None:
         """
@@ -177,7 +195,10 @@ class Pair:
             allow=allow,
         )
         server_factory = TLSMemoryBIOFactory(
-            ServerTLS(leaf_context(policy)), False, relay, self.clock
+            ServerTLS(certificates or leaf_certificates(policy, client_cas)),
+            False,
+            relay,
+            self.clock,
         )
         trust = trustRootFromCertificates(
             [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]

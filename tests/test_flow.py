@@ -33,7 +33,7 @@ from zope.interface import implementer
 from tlsproxy.relay import RelayFactory, Timeouts
 from tlsproxy.tls import ServerTLS
 
-from .memory import CA, leaf_context
+from .memory import CA, leaf_certificates
 
 TOTAL = 32 * 1024 * 1024  # bytes offered by the fast side
 CHUNK = bytes(range(256)) * 256  # 64 KiB
@@ -128,7 +128,7 @@ class BoundTests(TestCase):
             timeouts=Timeouts(),
             service="test",
         )
-        self.tls = TLSMemoryBIOFactory(ServerTLS(leaf_context()), False, relay)
+        self.tls = TLSMemoryBIOFactory(ServerTLS(leaf_certificates()), False, relay)
         proxy_port = yield loopback.listen(self.tls)
         self.addCleanup(proxy_port.stopListening)
         trust = trustRootFromCertificates([Certificate.loadPEM(CA.cert_pem.bytes())])

@@ -246,6 +246,8 @@ OPTIONS: dict[str, Values] = {
     "client-ca": CLIENT_CAS,
 }
 COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
+# Options given more than once are all used (not only the last).
+REPEATABLE = {"cert", "key"}
 DEFAULTS: dict[str, str | None] = {
     str(name): default for name, _, default, _ in tap.Options.optParameters
 }
@@ -294,22 +296,25 @@ def conjunction(validities: Sequence[Validity]) -> Validity:
     return None if any(valid is None for valid in validities) else True
 
 
-def certificate_validity(given: dict[str, tuple[str, Validity]]) -> Validity:
+def certificate_validity(
+    given: dict[str, tuple[str, Validity]], certs: list[str], keys: list[str]
+) -> Validity:
     """
-    Whether the certificate options are right: --self-signed alone, or a
-    --cert with certificates and a --key (by default the --cert file) with
-    their key.
+    Whether the certificate options are right: --self-signed alone, or one
+    or more --cert files with certificates, and no --key (each --cert file
+    then holds its key) or one --key per --cert with the key.
     """
-    cert, key = given.get("cert"), given.get("key")
     if "self-signed" in given:
-        return not ((cert and cert[0]) or (key and key[0]))
-    if cert is None:
+        return not (certs or keys)
+    if not certs or (keys and len(keys) != len(certs)):
         return False
-    key = key if key and key[0] else cert
     return conjunction(
         [
-            None if cert[1] is None else "cert" in PEM_FILES[cert[0]],
-            None if key[1] is None else "key" in PEM_FILES[key[0]],
+            # (Any other text is perhaps a file: who knows.)
+            "cert" in PEM_FILES[cert] and "key" in PEM_FILES[key]
+            if cert in PEM_FILES and key in PEM_FILES
+            else None
+            for cert, key in zip(certs, keys or certs, strict=True)
         ]
     )
 
@@ -320,17 +325,19 @@ def expected(items: list[Item]) -> tuple[Validity, dict[str, str]]:
     has in it (the last one given).
     """
     given: dict[str, tuple[str, Validity]] = {}
+    repeated: dict[str | None, list[str]] = {"cert": [], "key": []}
     validities: list[Validity] = []
     for item in items:
         if item.option is None:
             validities.append(False)
         else:
             given[item.option] = (item.value, item.valid)
+            repeated.get(item.option, []).append(item.value)
     validities += [
-        valid for name, (_, valid) in given.items() if name not in ("cert", "key")
+        valid for name, (_, valid) in given.items() if name not in REPEATABLE
     ]
     validities.append("connect" in given)
-    validities.append(certificate_validity(given))
+    validities.append(certificate_validity(given, repeated["cert"], repeated["key"]))
     return conjunction(validities), {name: value for name, (value, _) in given.items()}
 
 
@@ -386,7 +393,9 @@ class OptionsTests(unittest.TestCase):
 
     def test_grammar_complete(self) -> None:
         """The grammar below has values for every option that Options has."""
-        self.assertEqual(set(OPTIONS), set(DEFAULTS))
+        self.assertEqual(set(OPTIONS), set(DEFAULTS) | REPEATABLE)
+        for name in REPEATABLE:
+            self.assertTrue(callable(getattr(tap.Options, f"opt_{name}")), name)
 
     @settings(max_examples=200, deadline=None, database=None)
     @given(command_lines())

@@ -20,9 +20,16 @@ from zope.interface import implementer
 
 from tlsproxy import tap
 from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.service import LimitedTLSFactory, Limits, ProxyService
+from tlsproxy.service import (
+    TICKET_KEY_LIFETIME,
+    LimitedTLSFactory,
+    Limits,
+    ProxyConfig,
+    ProxyService,
+)
+from tlsproxy.tls import ConfigError, Credentials
 
-from .memory import Endpoint, Transport, leaf_context
+from .memory import Endpoint, Transport, leaf_certificates
 
 
 def address(host: str, port: int = 50000) -> IPv4Address:
@@ -42,7 +49,7 @@ class Accepting:
             timeouts=Timeouts(),
             service="test",
         )
-        self.factory = LimitedTLSFactory(leaf_context(), relay, self.clock, limits)
+        self.factory = LimitedTLSFactory(leaf_certificates(), relay, self.clock, limits)
 
     def accept(self, host: str, port: int = 50000) -> Transport:
         """Accept a connection from C{host}; return its transport."""
@@ -119,7 +126,15 @@ class DrainTests(SynchronousTestCase):
         self.accepting = Accepting(Limits())
         self.listening = Service()
         self.service = ProxyService(
-            self.listening, self.accepting.factory, self.accepting.clock, 5
+            self.listening,
+            self.accepting.factory,
+            self.accepting.clock,
+            ProxyConfig(
+                listen="tcp:0",
+                connect="tcp:127.0.0.1:1",
+                certificates=leaf_certificates(),
+                limits=Limits(drain=5),
+            ),
         )
         self.service.startService()
 
@@ -251,3 +266,102 @@ class SigtermTests(SynchronousTestCase):
         stop()  # type: ignore[operator]
         self.assertEqual(reactor.stops, 2)
         self.assertFalse(reactor.running)
+
+
+class Reloaded(Service):
+    """A stand-in for a proxy service: counts its reloads."""
+
+    reloads = 0
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+
+class SighupTests(SynchronousTestCase):
+    """Under twistd, SIGHUP reloads every service; stopping restores SIGHUP."""
+
+    def test_sighup_reloads(self) -> None:
+        """SIGHUP asks for a reload from the main loop; stop restores it."""
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        reactor = FakeReactor()
+        proxy = Reloaded()
+        service = tap._Twistd("tcp:0", proxy, reactor)  # type: ignore[arg-type]
+        service.startService()
+        [take] = reactor.when_running
+        take()  # type: ignore[operator]
+        os.kill(os.getpid(), signal.SIGHUP)
+        [reload] = reactor.from_thread
+        self.assertEqual(proxy.reloads, 0)
+        reload()  # type: ignore[operator]
+        self.assertEqual(proxy.reloads, 1)
+        service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+
+class ReloadTests(SynchronousTestCase):
+    """A proxy service reloads its certificates, and rotates ticket keys."""
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.accepting = Accepting(Limits())
+        self.certificates = leaf_certificates()
+        self.service = ProxyService(
+            Service(),
+            self.accepting.factory,
+            self.accepting.clock,
+            ProxyConfig(
+                listen="tcp:0",
+                connect="tcp:127.0.0.1:1",
+                certificates=self.certificates,
+                service="web",
+            ),
+        )
+
+    def messages(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("service") == "web"]
+
+    def test_reload(self) -> None:
+        """A good reload is used and logged."""
+        old = self.certificates.context
+        self.service.reload()
+        self.assertIsNot(self.certificates.context, old)
+        self.assertEqual(self.messages(), ["web: certificates reloaded"])
+
+    def test_failed_reload(self) -> None:
+        """A failed reload keeps the old certificates, with one line."""
+        old = self.certificates.context
+
+        def fail() -> Credentials:
+            raise ConfigError("--cert /x.pem: No such file or directory")
+
+        self.certificates.read = fail
+        self.service.reload()
+        self.assertIs(self.certificates.context, old)
+        self.assertEqual(
+            self.messages(),
+            [
+                "web: reload failed, the old certificates stay:"
+                " --cert /x.pem: No such file or directory"
+            ],
+        )
+
+    def test_rotation(self) -> None:
+        """Ticket keys are new each TICKET_KEY_LIFETIME while running."""
+        contexts = [self.certificates.context]
+        self.service.startService()
+        self.accepting.clock.advance(TICKET_KEY_LIFETIME - 1)
+        self.assertIs(self.certificates.context, contexts[0])
+        for _ in range(2):
+            self.accepting.clock.advance(1)
+            self.assertNotIn(self.certificates.context, contexts)
+            contexts.append(self.certificates.context)
+            self.accepting.clock.advance(TICKET_KEY_LIFETIME - 1)
+        self.service.stopService()
+        self.accepting.clock.advance(TICKET_KEY_LIFETIME)
+        self.assertIs(self.certificates.context, contexts[-1])

@@ -166,13 +166,15 @@ class OptionsTests(SynchronousTestCase):
         client = SSL.Context(SSL.TLS_CLIENT_METHOD)
         client.set_alpn_protos([b"http/1.1"])
         self.assertEqual(
-            handshake(options.config.context, client).get_alpn_proto_negotiated(),
+            handshake(
+                options.config.certificates.context, client
+            ).get_alpn_proto_negotiated(),
             b"http/1.1",
         )
         old_client = SSL.Context(SSL.TLS_CLIENT_METHOD)
         old_client.set_max_proto_version(SSL.TLS1_2_VERSION)
         with self.assertRaises(SSL.Error):
-            handshake(options.config.context, old_client)
+            handshake(options.config.certificates.context, old_client)
         for args, message in [
             (("--alpn", "h2,,x"), "--alpn h2,,x: names are 1 to 255"),
             (("--alpn", "é"), "--alpn é: names are 1 to 255"),
@@ -217,6 +219,36 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             self.error(*base, "--client-ca", directory),
             f"--client-ca {directory}: Is a directory",
+        )
+
+    def test_several_certificates(self) -> None:
+        """--cert and --key repeat, in pairs; --sni-strict reaches the config."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        paths = []
+        for name in ("a.test", "b.test"):
+            leaf = CA.issue_cert(name)
+            cert, key = (os.path.join(directory, f"{name}.{x}") for x in "ck")
+            leaf.cert_chain_pems[0].write_to_path(cert)
+            leaf.private_key_pem.write_to_path(key)
+            paths += [cert, key]
+        a, a_key, b, b_key = paths
+        options = self.parse(
+            "--connect", "tcp:h:1", "--cert", a, "--key", a_key, "--cert", b,
+            "--key", b_key, "--sni-strict",
+        )  # fmt: skip
+        certificates = options.config.certificates
+        self.assertEqual(
+            [i.where for i in certificates.credentials.identities],
+            [f"--cert {a} --key {a_key}", f"--cert {b} --key {b_key}"],
+        )
+        self.assertTrue(certificates.strict)
+        options = self.parse("--connect", "tcp:h:1", "--cert", a, "--key", a_key)
+        self.assertFalse(options.config.certificates.strict)
+        self.assertEqual(
+            self.error("--connect", "tcp:h:1", "--cert", a, "--cert", b, "--key", b),
+            "--key: 1 given for 2 --cert: give one per --cert, or none"
+            " (each --cert file then holds its key)",
         )
 
     def test_timeouts(self) -> None:

@@ -17,9 +17,9 @@ from tlsproxy.tls import (
     AllowList,
     ConfigError,
     TLSPolicy,
+    from_files,
     load_certificates,
     load_client_cas,
-    load_server_context,
     self_signed,
     subject_and_cn,
 )
@@ -47,7 +47,7 @@ class FilesTests(SynchronousTestCase):
 
     def error(self, cert: str, key: str | None = None) -> str:
         with self.assertRaises(ConfigError) as caught:
-            load_server_context(cert, key)
+            from_files([cert], [key] if key else [])
         return str(caught.exception)
 
     def test_chain_order(self) -> None:
@@ -64,7 +64,7 @@ class FilesTests(SynchronousTestCase):
         path = self.write(
             "both.pem", self.chain_pem() + self.leaf.private_key_pem.bytes()
         )
-        context = load_server_context(path)
+        context = from_files([path]).context
         self.assertIsInstance(context, SSL.Context)
 
     def test_missing_file(self) -> None:
@@ -143,7 +143,8 @@ class SelfSignedTests(SynchronousTestCase):
     def test_dns_name(self) -> None:
         """A name becomes the DNS name; the fingerprint is the certificate's."""
         made = self_signed("example.test")
-        certificate = SSL.Connection(made.context).get_certificate()
+        context = from_files(identities=[made.identity]).context
+        certificate = SSL.Connection(context).get_certificate()
         assert certificate is not None
         crypto = certificate.to_cryptography()
         names = crypto.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -170,7 +171,9 @@ class SelfSignedTests(SynchronousTestCase):
 
     def test_ip_address(self) -> None:
         """An IP address becomes an IP address name."""
-        certificate = SSL.Connection(self_signed("127.0.0.1").context).get_certificate()
+        certificate = SSL.Connection(
+            from_files(identities=[self_signed("127.0.0.1").identity]).context
+        ).get_certificate()
         assert certificate is not None
         names = certificate.to_cryptography().extensions.get_extension_for_class(
             x509.SubjectAlternativeName
@@ -186,7 +189,7 @@ class PolicyTests(SynchronousTestCase):
 
     def test_options(self) -> None:
         """No compression, no renegotiation, the server's cipher order."""
-        context = self_signed("localhost").context
+        context = from_files(identities=[self_signed("localhost").identity]).context
         options = context.set_options(0)
         for option in (
             SSL.OP_NO_COMPRESSION,
@@ -263,7 +266,7 @@ class ClientCertificateTests(SynchronousTestCase):
             options["clientCertificate"] = PrivateCertificate.loadPEM(
                 self.certificate.public_bytes(serialization.Encoding.PEM) + self.key_pem
             )
-        pair = Pair(policy=TLSPolicy(client_cas=(self.ca,)), allow=allow, **options)
+        pair = Pair(client_cas=(self.ca,), allow=allow, **options)
         pair.flush()
         return pair
 

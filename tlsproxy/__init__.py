@@ -7,15 +7,17 @@ The names here are the embedding API (see README.rst, "Embedding").
 from .record import ConnectionRecord, log_close
 from .relay import Timeouts
 from .service import Limits, ProxyConfig, proxy_service
-from .tls import ConfigError, load_server_context, self_signed
+from .tls import Certificates, ConfigError, TLSPolicy, from_files, self_signed
 
 __all__ = [
+    "Certificates",
     "ConfigError",
     "ConnectionRecord",
     "Limits",
     "ProxyConfig",
+    "TLSPolicy",
     "Timeouts",
-    "load_server_context",
+    "from_files",
     "log_close",
     "proxy_service",
     "self_signed",

@@ -47,7 +47,13 @@ from zope.interface import implementer
 
 from .proxyheader import HeaderEncoder, no_header
 from .record import ConnectionRecord, RecordObserver, host_port
-from .tls import ANY_CERTIFICATE, AllowList, openssl_reasons, subject_and_cn
+from .tls import (
+    ANY_CERTIFICATE,
+    AllowList,
+    ServerConnection,
+    openssl_reasons,
+    subject_and_cn,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -387,10 +393,15 @@ class ClientSide(Protocol):
         if self._deadline.active():
             self._deadline.cancel()
         self._note_peer()  # a PROXY header may have come without a handshake
+        tls = typing.cast(ServerConnection, self.transport.getHandle())
+        # The name asked for, also when the handshake failed (for the log).
+        self._record = attrs.evolve(self._record, sni=_text(tls.get_servername()))
+        # (The TLS layer's own reason for a refusal, such as an SNI name.)
+        refusal = tls.refusal
         self._note(
             "no valid PROXY header"
             if _without_proxy_header(self.transport)
-            else describe("client", reason)
+            else refusal or describe("client", reason)
         )
         self._side_closed()  # first, so that the backend sees the client gone
         if reason.check(ConnectionDone):

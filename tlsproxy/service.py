@@ -13,14 +13,13 @@ import typing
 from collections import Counter
 
 import attrs
-from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorCore, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
@@ -28,7 +27,7 @@ from typing_extensions import override
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
-from .tls import ANY_CERTIFICATE, AllowList, ServerTLS
+from .tls import ANY_CERTIFICATE, AllowList, Certificates, ConfigError, ServerTLS
 
 _log = Logger(namespace="tlsproxy")
 
@@ -51,14 +50,14 @@ class Limits:
 class ProxyConfig:
     """
     One proxy service: accept TLS on C{listen} (a server endpoint string),
-    with C{context}, and relay each connection to C{connect} (a client
+    with C{certificates}, and relay each connection to C{connect} (a client
     endpoint string), after C{header} (a PROXY protocol header encoder from
     L{tlsproxy.proxyheader}, or none).
     """
 
     listen: str
     connect: str
-    context: SSL.Context
+    certificates: Certificates
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     service: str = "tlsproxy"
     header: HeaderEncoder = no_header
@@ -84,12 +83,12 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
 
     def __init__(
         self,
-        context: SSL.Context,
+        certificates: Certificates,
         relay: RelayFactory,
         clock: IReactorTime,
         limits: Limits,
     ) -> None:
-        super().__init__(ServerTLS(context), False, relay, clock)
+        super().__init__(ServerTLS(certificates), False, relay, clock)
         self._limits = limits
         self._hosts: dict[IProtocol, str | None] = {}
         self._per_client: Counter[str | None] = Counter()
@@ -135,10 +134,16 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         self._unreported = 0
 
 
+# How long session ticket keys live (and so the sessions they resume).
+TICKET_KEY_LIFETIME = 3600.0
+
+
 class ProxyService(MultiService):
     """
-    The listening service, and on stop a drain: stop accepting, let live
-    connections finish for C{drain} seconds, then abort the rest.
+    The listening service; new session ticket keys every
+    L{TICKET_KEY_LIFETIME} seconds; certificates read again on L{reload};
+    and on stop a drain: stop accepting, let live connections finish for
+    C{drain} seconds, then abort the rest.
     """
 
     def __init__(
@@ -146,22 +151,48 @@ class ProxyService(MultiService):
         listening: IService,
         tls: LimitedTLSFactory,
         clock: IReactorTime,
-        drain: float,
+        config: ProxyConfig,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         listening.setServiceParent(self)
         self.tls = tls
+        self.config = config
         self._clock = clock
-        self._drain = drain
+        self._rotation = LoopingCall(config.certificates.rotate)
+        self._rotation.clock = clock
+
+    @override
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._rotation.start(TICKET_KEY_LIFETIME, now=False)
+
+    def reload(self) -> None:
+        """
+        Read the certificate, key and CA files again, for new connections;
+        a file that is now missing or bad keeps the old ones, with one line
+        in the log.
+        """
+        try:
+            self.config.certificates.reload()
+        except ConfigError as e:
+            _log.error(
+                "{service}: reload failed, the old certificates stay: {error}",
+                service=self.config.service,
+                error=str(e),
+            )
+        else:
+            _log.info("{service}: certificates reloaded", service=self.config.service)
 
     @override
     def stopService(self) -> Deferred[None]:
+        if self._rotation.running:  # (not when stopped before it started)
+            self._rotation.stop()
         stopped = super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._drained(stopped))
 
     async def _drained(self, stopped: Deferred[object]) -> None:
         await stopped
-        deadline = self._clock.seconds() + self._drain
+        deadline = self._clock.seconds() + self.config.limits.drain
         while self.tls.protocols and self._clock.seconds() < deadline:
             await deferLater(self._clock, 0.05, lambda: None)
         for protocol in list(self.tls.protocols):
@@ -195,6 +226,6 @@ def proxy_service(
         header=config.header,
         allow=config.allow,
     )
-    tls = LimitedTLSFactory(config.context, relay, clock, config.limits)
+    tls = LimitedTLSFactory(config.certificates, relay, clock, config.limits)
     listening = strports.service(config.listen, tls, reactor=reactor)
-    return ProxyService(listening, tls, clock, config.limits.drain)
+    return ProxyService(listening, tls, clock, config)

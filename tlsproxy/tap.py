@@ -21,6 +21,7 @@ from collections.abc import Callable
 from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
@@ -34,14 +35,15 @@ from .metrics import Metrics
 from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
-from .service import Limits, ProxyConfig, proxy_service
+from .service import Limits, ProxyConfig, ProxyService, proxy_service
 from .tls import (
     TLS12_CIPHERS,
     AllowList,
+    Certificates,
     ConfigError,
+    Identity,
     TLSPolicy,
-    load_client_cas,
-    load_server_context,
+    from_files,
     self_signed,
 )
 
@@ -95,8 +97,6 @@ class Options(usage.Options):
     optParameters = [
         ["listen", None, "tcp:443", "Server endpoint string to accept TLS on."],
         ["connect", None, None, "Client endpoint string of the backend (required)."],
-        ["cert", None, None, "PEM certificate file: the leaf, then its chain."],
-        ["key", None, None, "PEM private key file [default: the --cert file]."],
         ["self-signed", None, None, "Make a throwaway certificate for NAME."],
         ["handshake-timeout", None, "30", "Seconds for the TLS handshake."],
         ["connect-timeout", None, "30", "Seconds to connect to the backend."],
@@ -113,11 +113,29 @@ class Options(usage.Options):
         ["client-ca", None, None, "Require client certificates signed by this CA."],
     ]
 
+    optFlags = [
+        ["sni-strict", None, "Refuse an SNI name no certificate serves."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.cert_paths: list[str] = []
+        self.key_paths: list[str] = []
         self.allowed: dict[str, set[str]] = {
             k: set() for k in ("cn", "ou", "dns", "uri")
         }
+
+    def opt_cert(self, path: str) -> None:
+        """
+        PEM certificate file: the leaf, then its chain; or a directory of
+        .pem files, each with its key (repeatable: chosen by SNI, the first
+        is the default).
+        """
+        self.cert_paths.append(path)
+
+    def opt_key(self, path: str) -> None:
+        """PEM private key file, one per --cert [default: the --cert file]."""
+        self.key_paths.append(path)
 
     def opt_allow_cn(self, name: str) -> None:
         """Let in client certificates with this subject CN (repeatable)."""
@@ -150,7 +168,7 @@ class Options(usage.Options):
         config = ProxyConfig(
             listen=_endpoint("--listen", self["listen"], serverFromString),
             connect=_endpoint("--connect", self["connect"], clientFromString),
-            context=self._context(),
+            certificates=self._certificates(),
             timeouts=Timeouts(
                 handshake=_seconds("--handshake-timeout", self["handshake-timeout"]),
                 connect=_seconds("--connect-timeout", self["connect-timeout"]),
@@ -190,24 +208,28 @@ class Options(usage.Options):
             raise ConfigError("--allow-cn, -ou, -dns and -uri need --client-ca")
         return AllowList(**{kind: frozenset(v) for kind, v in self.allowed.items()})
 
-    def _context(self) -> SSL.Context:
-        client_ca = self["client-ca"]
+    def _certificates(self) -> Certificates:
         policy = TLSPolicy(
             alpn=_protocols(self["alpn"]),
             minimum=_tls_version(self["tls-min"]),
             ciphers=_ciphers(self["ciphers"]),
-            client_cas=() if client_ca is None else load_client_cas(client_ca),
         )
+        made: list[Identity] = []
         name = self["self-signed"]
         if name is not None:
-            if self["cert"] or self["key"]:
+            if self.cert_paths or self.key_paths:
                 raise ConfigError(f"--self-signed {name}: not with --cert or --key")
-            made = self_signed(name, policy)
-            self.fingerprint = made.fingerprint
-            return made.context
-        if self["cert"] is None:
-            raise ConfigError("--cert FILE (or --self-signed NAME) is required")
-        return load_server_context(self["cert"], self["key"], policy)
+            self_made = self_signed(name)
+            self.fingerprint = self_made.fingerprint
+            made.append(self_made.identity)
+        return from_files(
+            self.cert_paths,
+            self.key_paths,
+            client_ca=self["client-ca"],
+            identities=made,
+            policy=policy,
+            strict=bool(self["sni-strict"]),
+        )
 
 
 _TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -262,15 +284,20 @@ class _Twistd(MultiService):
     What only twistd's process gets: a port that cannot be bound ends
     start-up with one line and exit status 1, not a traceback (it must be an
     C{Exception}: that is what twistd reports to its parent process when it
-    daemonizes); and SIGTERM, after the drain, exits with status 0 (twistd
-    would re-raise the signal, so that the status said "killed").
+    daemonizes); SIGTERM, after the drain, exits with status 0 (twistd
+    would re-raise the signal, so that the status said "killed"); and
+    SIGHUP reloads the certificates of every service in L{proxies}.
     """
 
-    def __init__(self, listen: str, service: IService, reactor: IReactorCore) -> None:
+    def __init__(
+        self, listen: str, service: ProxyService, reactor: IReactorCore
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._listen = listen
         self._reactor = reactor
-        service.setServiceParent(self)
+        self.proxies = [service]
+        self._sighup = signal.getsignal(signal.SIGHUP)  # put back on stop
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     @override
     def privilegedStartService(self) -> None:
@@ -284,13 +311,26 @@ class _Twistd(MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         # After the reactor has installed its own handlers, which it does
         # once running.
-        self._reactor.callWhenRunning(self._take_sigterm)
+        self._reactor.callWhenRunning(self._take_signals)
 
-    def _take_sigterm(self) -> None:
+    def _take_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGHUP, self._on_sighup)
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        signal.signal(signal.SIGHUP, self._sighup)
+        return super().stopService()  # type: ignore[no-any-return,no-untyped-call]
 
     def _on_sigterm(self, number: int, frame: object) -> None:
         IReactorThreads(self._reactor).callFromThread(self._stop)
+
+    def _on_sighup(self, number: int, frame: object) -> None:
+        IReactorThreads(self._reactor).callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        for proxy in self.proxies:
+            proxy.reload()
 
     def _stop(self) -> None:
         with contextlib.suppress(ReactorNotRunning):  # a second SIGTERM

@@ -1,8 +1,10 @@
 """
-The server's TLS context: certificates and keys loaded once, at start-up.
+The server's TLS context: certificates and keys loaded at start-up, chosen
+by the client's SNI name, read again on reload.
 
-Everything here runs before twistd chroots and drops privileges, so the key
-file may stay outside the jail, readable by root only.  Every user mistake
+Start-up runs before twistd chroots and drops privileges, so the key file
+may stay outside the jail, readable by root only (a reload reads the files
+inside the jail: see README.rst).  Every user mistake
 becomes a L{ConfigError} whose message names the option and the value.
 """
 
@@ -10,7 +12,12 @@ from __future__ import annotations
 
 import datetime
 import functools
+import glob
 import ipaddress
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
 
 import attrs
 from cryptography import x509
@@ -104,8 +111,6 @@ class TLSPolicy:
     alpn: tuple[bytes, ...] = ()
     minimum: int = SSL.TLS1_2_VERSION
     ciphers: str = TLS12_CIPHERS
-    # Client certificates: required, and signed by one of these, if any.
-    client_cas: tuple[x509.Certificate, ...] = ()
 
 
 DEFAULT_POLICY = TLSPolicy()
@@ -125,6 +130,7 @@ def server_context(
     chain: list[x509.Certificate],
     key: PrivateKeyTypes,
     policy: TLSPolicy = DEFAULT_POLICY,
+    client_cas: Sequence[x509.Certificate] = (),
 ) -> SSL.Context:
     """
     Build the server's OpenSSL context: TLS 1.2 and 1.3 only, forward-secret
@@ -133,6 +139,8 @@ def server_context(
 
     @param chain: the leaf certificate first, then its chain.
     @param key: the leaf's private key, as C{cryptography} loaded it.
+    @param client_cas: if any, a client certificate signed by one of them
+        is required.
 
     @raise SSL.Error: OpenSSL refuses the certificate or the key, or the
         key does not match the certificate.
@@ -154,13 +162,13 @@ def server_context(
         context.add_extra_chain_cert(extra)
     context.use_privatekey(key)  # type: ignore[arg-type]
     context.check_privatekey()
-    if policy.client_cas:
-        _require_client_certificates(context, policy.client_cas)
+    if client_cas:
+        _require_client_certificates(context, client_cas)
     return context
 
 
 def _require_client_certificates(
-    context: SSL.Context, authorities: tuple[x509.Certificate, ...]
+    context: SSL.Context, authorities: Sequence[x509.Certificate]
 ) -> None:
     """Ask for a client certificate, name C{authorities}, and verify with them."""
     store = context.get_cert_store()
@@ -249,23 +257,229 @@ def _names(certificate: x509.Certificate | None) -> set[tuple[str, str]]:
     return names | {("uri", n) for n in uris}
 
 
-def load_server_context(
-    cert_path: str, key_path: str | None = None, policy: TLSPolicy = DEFAULT_POLICY
+@attrs.frozen
+class Identity:
+    """
+    One certificate the server can present: its chain (the leaf first), its
+    key, and where they came from, for messages (C{"--cert A --key B"}).
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes
+    where: str
+
+    def names(self) -> set[str]:
+        """
+        The server names it serves, lower case: its DNS names, or its CNs
+        when it has none (as hitch does); C{*.example.com} is a wildcard.
+        """
+        leaf = self.chain[0]
+        try:
+            alternative = leaf.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+            dns = alternative.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            dns = []
+        cns = [str(a.value) for a in leaf.subject.get_attributes_for_oid(_CN)]
+        return {name.lower() for name in dns or cns}
+
+
+def _identity(cert_path: str, key_path: str) -> Identity:
+    return Identity(
+        chain=tuple(load_certificates(cert_path)),
+        key=load_key(key_path),
+        where=f"--cert {cert_path} --key {key_path}",
+    )
+
+
+@attrs.frozen
+class Credentials:
+    """
+    What the files hold: the identities (the first is the default, for a
+    client that names no server or one none of them serves) and the CAs
+    that sign client certificates, if any are required.
+    """
+
+    identities: tuple[Identity, ...]
+    client_cas: tuple[x509.Certificate, ...] = ()
+
+
+def read_credentials(
+    certs: Sequence[str] = (),
+    keys: Sequence[str] = (),
+    client_ca: str | None = None,
+    identities: Sequence[Identity] = (),
+) -> Credentials:
+    """
+    Read C{--cert} files (or directories), their C{--key} files (one per
+    C{--cert}, or none: each C{--cert} file then holds its key) and the
+    C{--client-ca} file; C{identities} made in memory come first.
+
+    @raise ConfigError: on any problem with any file.
+    """
+    if not (certs or identities):
+        raise ConfigError("--cert FILE (or --self-signed NAME) is required")
+    if keys and len(keys) != len(certs):
+        raise ConfigError(
+            f"--key: {len(keys)} given for {len(certs)} --cert: give one per"
+            " --cert, or none (each --cert file then holds its key)"
+        )
+    read = list(identities)
+    paired: Sequence[str | None] = keys or [None] * len(certs)
+    for cert, key in zip(certs, paired, strict=True):
+        read += _identities(cert, key)
+    cas = () if client_ca is None else load_client_cas(client_ca)
+    return Credentials(tuple(read), cas)
+
+
+def _identities(cert: str, key: str | None) -> list[Identity]:
+    """
+    One identity from a certificate file, or one from each C{*.pem} file of
+    a directory (in name order; each file holds its key).
+    """
+    if not os.path.isdir(cert):
+        return [_identity(cert, key or cert)]
+    if key is not None:
+        raise ConfigError(f"--cert {cert} --key {key}: a directory takes no --key")
+    paths = sorted(glob.glob(os.path.join(glob.escape(cert), "*.pem")))
+    if not paths:
+        raise ConfigError(f"--cert {cert}: no readable .pem file in the directory")
+    return [_identity(path, path) for path in paths]
+
+
+def _sni_context(
+    credentials: Credentials, policy: TLSPolicy, strict: bool
 ) -> SSL.Context:
     """
-    The server context for C{--cert cert_path --key key_path}; the key
-    defaults to the certificate's file, as stunnel's does.
+    A context for each identity, and the first one's, which every
+    connection starts on, switches to the one that serves the client's SNI
+    name (L{_choose_certificate}).
 
-    @raise ConfigError: on any problem with either file.
+    @raise ConfigError: OpenSSL refuses a certificate or key, or they do not
+        match.
     """
-    key_path = key_path or cert_path
-    chain = load_certificates(cert_path)
-    key = load_key(key_path)
-    try:
-        return server_context(chain, key, policy)
-    except (SSL.Error, TypeError) as e:  # TypeError: a key type OpenSSL won't use
-        reason = openssl_reasons(e)
-        raise ConfigError(f"--cert {cert_path} --key {key_path}: {reason}") from None
+    contexts: list[SSL.Context] = []
+    by_name: dict[str, SSL.Context] = {}
+    for identity in credentials.identities:
+        try:
+            context = server_context(
+                list(identity.chain), identity.key, policy, credentials.client_cas
+            )
+        except (SSL.Error, TypeError) as e:  # TypeError: a key type OpenSSL won't use
+            raise ConfigError(f"{identity.where}: {openssl_reasons(e)}") from None
+        contexts.append(context)
+        for name in identity.names():
+            by_name.setdefault(name, context)  # the first given wins
+    contexts[0].set_tlsext_servername_callback(
+        functools.partial(_choose_certificate, by_name, strict)
+    )
+    return contexts[0]
+
+
+def _choose_certificate(
+    by_name: dict[str, SSL.Context], strict: bool, connection: SSL.Connection
+) -> None:
+    """
+    Serve the certificate for the client's SNI name: one that names it, or
+    else one with a wildcard for its parent domain.  With no SNI name, the
+    default; with a name no certificate serves, the default, or in
+    C{strict} mode the C{unrecognized_name} alert (hitch's
+    C{sni-nomatch-abort}).
+    """
+    sent = connection.get_servername()
+    if sent is None:
+        return
+    name = sent.decode("ascii", "replace").lower().rstrip(".")
+    parent = name.partition(".")[2]
+    context = by_name.get(name) or by_name.get(f"*.{parent}")
+    if context is not None:
+        connection.set_context(context)
+    elif strict:
+        typing.cast(ServerConnection, connection).refusal = UNKNOWN_NAME
+        _refuse_name()
+
+
+UNKNOWN_NAME = "unknown server name (--sni-strict)"
+
+
+class UnknownServerNameError(Exception):
+    """A client's SNI name that no certificate serves, in strict mode."""
+
+
+def _refuse_name() -> typing.NoReturn:
+    """
+    Fail the handshake with the C{unrecognized_name} alert: pyOpenSSL sends
+    it when the SNI callback raises, after handing the exception to
+    C{sys.excepthook}, which would print a traceback for each such client.
+    A hook for that one call takes it, and puts the previous hook back.
+    """
+    previous = sys.excepthook
+
+    def taken(*exc_info: object) -> None:
+        sys.excepthook = previous
+
+    sys.excepthook = taken
+    raise UnknownServerNameError
+
+
+@attrs.define
+class Certificates:
+    """
+    The server's TLS context, and how to make it again: L{reload} reads the
+    files again (C{SIGHUP}), L{rotate} makes new session ticket keys from the
+    certificates already read.  Each replaces L{context} for new
+    connections; live ones keep theirs.
+    """
+
+    read: Callable[[], Credentials]
+    policy: TLSPolicy = DEFAULT_POLICY
+    strict: bool = False
+    credentials: Credentials = attrs.field(init=False)
+    context: SSL.Context = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        """
+        Read the files and use them.
+
+        @raise ConfigError: on any problem with any file; the old
+            certificates stay in use.
+        """
+        credentials = self.read()
+        self.context = _sni_context(credentials, self.policy, self.strict)
+        self.credentials = credentials
+
+    def rotate(self) -> None:
+        """
+        New session ticket keys (OpenSSL makes them for each new context),
+        and a new session cache: sessions made before no longer resume.
+        """
+        self.context = _sni_context(self.credentials, self.policy, self.strict)
+
+
+def from_files(
+    certs: Sequence[str] = (),
+    keys: Sequence[str] = (),
+    *,
+    client_ca: str | None = None,
+    identities: Sequence[Identity] = (),
+    policy: TLSPolicy = DEFAULT_POLICY,
+    strict: bool = False,
+) -> Certificates:
+    """
+    The certificates of C{--cert certs --key keys --client-ca client_ca}
+    (see L{read_credentials}), read now and again on each
+    L{Certificates.reload}.
+
+    @raise ConfigError: on any problem with any file.
+    """
+    read = functools.partial(
+        read_credentials, tuple(certs), tuple(keys), client_ca, tuple(identities)
+    )
+    return Certificates(read, policy, strict)
 
 
 def openssl_reasons(error: Exception) -> str:
@@ -283,11 +497,11 @@ class SelfSigned:
     written to disk.
     """
 
-    context: SSL.Context
+    identity: Identity
     fingerprint: str  # SHA-256, colon-separated hex, as openssl prints it
 
 
-def self_signed(name: str, policy: TLSPolicy = DEFAULT_POLICY) -> SelfSigned:
+def self_signed(name: str) -> SelfSigned:
     """
     Make a P-256 key and a 30-day self-signed certificate for C{name} (a DNS
     name or an IP address).
@@ -314,7 +528,7 @@ def self_signed(name: str, policy: TLSPolicy = DEFAULT_POLICY) -> SelfSigned:
     )
     digest = certificate.fingerprint(hashes.SHA256())
     return SelfSigned(
-        context=server_context([certificate], key, policy),
+        identity=Identity((certificate,), key, f"--self-signed {name}"),
         fingerprint=":".join(f"{byte:02X}" for byte in digest),
     )
 
@@ -336,14 +550,21 @@ def _alternative_name(name: str) -> x509.GeneralName:
 @attrs.frozen
 class ServerTLS:
     """
-    Give each accepted connection an OpenSSL connection on C{context}.
+    Give each accepted connection an OpenSSL connection on the current
+    context of C{certificates}.
 
     Twisted's C{CertificateOptions} is not used: it turns sessions off, and
     in Twisted 26.10 it aborts every handshake that offers ALPN unless it is
     given protocols to offer.
     """
 
-    context: SSL.Context
+    certificates: Certificates
 
     def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        return SSL.Connection(self.context, None)
+        return ServerConnection(self.certificates.context, None)
+
+
+class ServerConnection(SSL.Connection):
+    """An accepted connection, which can tell why TLS refused it, if it did."""
+
+    refusal: str | None = None
