@@ -581,3 +581,36 @@ class JailTests(TestCase):
         log = proxy.log_text()
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
+
+    def test_reload_inside_jail(self) -> None:
+        """
+        SIGHUP in the jail reads the same paths inside it: without files
+        there the old certificate stays (one line, still serving); with new
+        ones placed there, readable by nobody, they are used.
+        """
+        proxy = self.start()
+        old = served_fingerprint(proxy)
+        os.kill(proxy.pid, signal.SIGHUP)
+        proxy.wait_for_log(r"reload failed, the old certificates stay: .*No such file")
+        self.assertEqual(get_hello(proxy, self.certs), HELLO)
+        fresh = make_certificates(temp_dir(self))
+        uid = pwd.getpwnam(USER).pw_uid
+        for path, new in [(self.certs.cert, fresh.cert), (self.certs.key, fresh.key)]:
+            inside = self.jail / path.relative_to("/")
+            inside.parent.mkdir(parents=True, exist_ok=True)
+            inside.write_bytes(new.read_bytes())
+            os.chown(inside, uid, -1)
+            inside.chmod(0o600)
+        os.kill(proxy.pid, signal.SIGHUP)
+        proxy.wait_for_log(r"tlsproxy: certificates reloaded")
+        self.assertNotEqual(served_fingerprint(proxy), old)
+        self.assertEqual(get_hello(proxy, fresh), HELLO)
+        self.assert_alive(proxy)
+
+
+def served_fingerprint(proxy: JailedProxy) -> bytes:
+    """The certificate (DER) that C{proxy} serves to a client for localhost."""
+    with tls_connect(proxy.port, client_context()) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return der
