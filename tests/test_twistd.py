@@ -415,14 +415,24 @@ class StartupErrorTests(TestCase):
         failure = self.run_with("--connect", f"tcp:{HOST}:1", "--cert", missing)
         self.assert_names(failure, "--cert", missing)
 
-    def test_unreadable_cert_file(self) -> None:
+    def test_cert_directory_without_pem(self) -> None:
         """
-        A --cert path that cannot be read as a file (a directory) is named
-        with the option.
+        A --cert directory without a .pem file is named with the option.
         """
         directory = str(temp_dir(self))
         failure = self.run_with("--connect", f"tcp:{HOST}:1", "--cert", directory)
-        self.assert_names(failure, "--cert", directory)
+        self.assert_names(failure, "--cert", directory, "no readable .pem file")
+
+    def test_key_count(self) -> None:
+        """
+        Two --cert and one --key: the keys are one per --cert, or none.
+        """
+        certs = certificates(self)
+        cert, key = str(certs.cert), str(certs.key)
+        failure = self.run_with(
+            "--connect", f"tcp:{HOST}:1", "--cert", cert, "--cert", cert, "--key", key
+        )
+        self.assert_names(failure, "--key", "one per --cert")
 
     def test_cert_file_without_permission(self) -> None:
         """
