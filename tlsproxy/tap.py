@@ -126,11 +126,7 @@ class Options(usage.Options):
         }
 
     def opt_cert(self, path: str) -> None:
-        """
-        PEM certificate file: the leaf, then its chain; or a directory of
-        .pem files, each with its key (repeatable: chosen by SNI, the first
-        is the default).
-        """
+        """PEM certificate, or a directory of .pem files (repeatable: SNI)."""
         self.cert_paths.append(path)
 
     def opt_key(self, path: str) -> None:
