@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from tlsproxy import tap
 from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.service import LimitedTLSFactory, Limits, ProxyService
+from tlsproxy.service import LimitedTLSFactory, Limits, ProxyService, SharedLimit
 
 from .memory import Endpoint, Transport, leaf_context
 
@@ -32,7 +32,9 @@ def address(host: str, port: int = 50000) -> IPv4Address:
 class Accepting:
     """A LimitedTLSFactory and the transports of what it accepted."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(
+        self, limits: Limits, shared: SharedLimit | None = None, name: str = "test"
+    ) -> None:
         self.clock = Clock()
         self.records: list[object] = []
         relay = RelayFactory(
@@ -40,9 +42,11 @@ class Accepting:
             clock=self.clock,
             observe=self.records.append,
             timeouts=Timeouts(),
-            service="test",
+            service=name,
         )
-        self.factory = LimitedTLSFactory(leaf_context(), relay, self.clock, limits)
+        self.factory = LimitedTLSFactory(
+            leaf_context(), relay, self.clock, limits, shared
+        )
 
     def accept(self, host: str, port: int = 50000) -> Transport:
         """Accept a connection from C{host}; return its transport."""
@@ -110,6 +114,31 @@ class LimitTests(SynchronousTestCase):
         accepting.accept("192.0.2.2")
         accepting.clock.advance(10)
         self.assertEqual([e["count"] for e in events if "count" in e], [3, 1])
+        self.assertEqual(event["service"], "test")
+
+    def test_shared(self) -> None:
+        """
+        Past the shared total across services (--max-connections-total), a
+        new connection to any of them is refused, and counted by the one
+        refusing it; each service's own limits still apply.
+        """
+        shared = SharedLimit(3)
+        web = Accepting(Limits(total=1), shared, "web")
+        mail = Accepting(Limits(), shared, "mail")
+        first = web.accept("192.0.2.1")
+        self.assertTrue(web.accept("192.0.2.2").aborted)
+        mail.accept("192.0.2.3")
+        mail.accept("192.0.2.4")
+        self.assertTrue(mail.accept("192.0.2.5").aborted)
+        self.assertEqual((web.factory.refused, mail.factory.refused), (1, 1))
+        web.close(first)
+        self.assertFalse(mail.accept("192.0.2.5").aborted)
+
+    def test_log_prefix(self) -> None:
+        """twistd's lines about the port name the service."""
+        self.assertEqual(
+            Accepting(Limits(), name="web").factory.logPrefix(), "web (TLS)"
+        )
 
 
 class DrainTests(SynchronousTestCase):
