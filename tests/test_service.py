@@ -270,7 +270,8 @@ class SigtermTests(SynchronousTestCase):
         previous = signal.getsignal(signal.SIGTERM)
         self.addCleanup(signal.signal, signal.SIGTERM, previous)
         reactor = FakeReactor()
-        service = tap._Twistd("tcp:0", Service(), reactor)
+        service = tap._Twistd(reactor)
+        service.add(Service(), "--listen tcp:0")
         service.startService()
         [take] = reactor.when_running
         take()  # type: ignore[operator]
