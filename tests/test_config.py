@@ -18,7 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tlsproxy import config, tap
 from tlsproxy.connlog import ConnectionLog
 
-from .memory import CA
+from .memory import CA, LEAF
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "etc", "tlsproxy.conf.sample")
 
 
 class Files:
@@ -279,6 +281,38 @@ class ReadTests(SynchronousTestCase):
         [log] = [o for o in a.observers if isinstance(o, ConnectionLog)]
         log.close()
         self.assertEqual([o for o in b.observers if isinstance(o, ConnectionLog)], [])
+
+
+class SampleTests(SynchronousTestCase):
+    """etc/tlsproxy.conf.sample is valid, its commented example too."""
+
+    def test_sample(self) -> None:
+        """
+        The sample, with test certificates for its paths and its second
+        service uncommented, is the essay's service and the example's.
+        """
+        files = Files(self)
+        cert, key = files.path("server.crt"), files.path("server.key")
+        LEAF.cert_chain_pems[0].write_to_path(cert)
+        LEAF.private_key_pem.write_to_path(key)
+        with open(SAMPLE, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("tlsproxy --config /usr/local/etc/tlsproxy.conf\n", text)
+        essay, example = text.split("for example:\n")
+        essay += "\n"
+        example = "".join(line[1:] + "\n" for line in example.splitlines())
+        text = (
+            (essay + example)
+            .replace("/usr/local/etc/ssl/server.crt", cert)
+            .replace("/usr/local/etc/ssl/server.key", key)
+            .replace("/usr/local/etc/ssl/clients-ca.pem", files.ca)
+        )
+        [https, imaps] = parse("--config", files.ini(text)).services
+        self.assertEqual(https.config.service, "https")
+        self.assertEqual(https.config.listen, "tcp:443:interface=10.0.0.3")
+        self.assertEqual(https.config.connect, "tcp:10.0.0.2:80:bindAddress=10.0.0.3")
+        self.assertEqual(imaps.config.service, "imaps")
+        self.assertEqual(imaps.config.allow.cn, frozenset({"alice", "bob"}))
 
 
 class FlagOptions(tap.Options):
