@@ -16,6 +16,7 @@ from tests.harness import (
     HOST,
     HttpReply,
     TwistdProxy,
+    curl_ok,
     run_s_client,
     run_startup_error,
     start_http_backend,
@@ -75,8 +76,14 @@ class ServicesTests(TestCase):
             """,
         )
         self.assertEqual(sorted(ports), ["raw", "web"])
-        with tls_from(ports["web"], HOST) as sock:
-            self.assertEqual(fetch(sock), HELLO)
+        body = curl_ok(
+            "--cacert",
+            str(certs.ca),
+            "--resolve",
+            f"localhost:{ports['web']}:{HOST}",
+            f"https://localhost:{ports['web']}/",
+        )
+        self.assertEqual(body, HELLO)
         result = run_s_client(
             ports["raw"],
             "-CAfile",
