@@ -20,7 +20,8 @@ from tlsproxy.connlog import ConnectionLog
 
 from .memory import CA, LEAF
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "etc", "tlsproxy.conf.sample")
+TOP = os.path.join(os.path.dirname(__file__), "..")
+SAMPLE = os.path.join(TOP, "etc", "tlsproxy.conf.sample")
 
 
 class Files:
@@ -313,6 +314,30 @@ class SampleTests(SynchronousTestCase):
         self.assertEqual(https.config.connect, "tcp:10.0.0.2:80:bindAddress=10.0.0.3")
         self.assertEqual(imaps.config.service, "imaps")
         self.assertEqual(imaps.config.allow.cn, frozenset({"alice", "bob"}))
+
+    def test_readme_example(self) -> None:
+        """The README's example file, with test files for its paths, is valid."""
+        files = Files(self)
+        cert, key = files.path("server.crt"), files.path("server.key")
+        LEAF.cert_chain_pems[0].write_to_path(cert)
+        LEAF.private_key_pem.write_to_path(key)
+        with open(os.path.join(TOP, "README.rst"), encoding="utf-8") as f:
+            readme = f.read()
+        section = readme.split("\nSeveral services: --config\n", 1)[1]
+        block = section.split("::\n\n", 1)[1].split("\n\n" + "run as", 1)[0]
+        text = (
+            textwrap.dedent(block)
+            .replace("/usr/local/etc/ssl/server.crt", cert)
+            .replace("/usr/local/etc/ssl/server.key", key)
+            .replace("/usr/local/etc/ssl/clients-ca.pem", files.ca)
+            .replace("/var/log/", files.directory + "/")
+        )
+        services = parse("--config", files.ini(text)).services
+        self.assertEqual([s.config.service for s in services], ["https", "imaps"])
+        self.assertEqual(services[1].config.limits.total, 100)
+        for service in services:
+            [log] = [o for o in service.observers if isinstance(o, ConnectionLog)]
+            log.close()
 
 
 class FlagOptions(tap.Options):
