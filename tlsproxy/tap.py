@@ -322,13 +322,13 @@ class _Twistd(MultiService):
     def __init__(self, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._reactor = reactor
-        self._names: dict[IService, str] = {}
+        self._where: dict[IService, str] = {}
         self.proxies: list[Proxy] = []
 
-    def add(self, service: IService, name: str) -> None:
-        """Start and stop C{service} too; a bind failure names it C{name}."""
+    def add(self, service: IService, where: str) -> None:
+        """Start and stop C{service} too; a bind failure names it C{where}."""
         service.setServiceParent(self)
-        self._names[service] = name
+        self._where[service] = where
 
     @override
     def privilegedStartService(self) -> None:
@@ -336,7 +336,7 @@ class _Twistd(MultiService):
             try:
                 service.privilegedStartService()
             except CannotListenError as e:
-                raise StartupError(f"tlsproxy: {self._names[service]}: {e}") from None
+                raise StartupError(f"tlsproxy: {self._where[service]}: {e}") from None
 
     @override
     def startService(self) -> None:
@@ -364,6 +364,7 @@ def makeService(options: Options) -> IService:
     top = _Twistd(reactor)
     shared = SharedLimit(options.total)
     metrics = options.metrics
+    path = options["config"]
     for one in options.services:
         config = one.config
         if one.fingerprint is not None:
@@ -375,7 +376,6 @@ def makeService(options: Options) -> IService:
                 fingerprint=one.fingerprint,
             )
         service = proxy_service(config, reactor, fan_out(one.observers), shared)
-        path = options["config"]
         where = "--listen" if path is None else f"{path} [{config.service}] listen:"
         top.add(service, f"{where} {config.listen}")
         top.proxies.append(Proxy(config=config, service=service))
