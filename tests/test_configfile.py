@@ -148,6 +148,41 @@ class ServicesTests(TestCase):
         wait_until(lambda: len(proxy.close_lines()) == 1, "the first to close")
         hold(ports["b"])
 
+    def test_sigterm_drains_all(self) -> None:
+        """
+        SIGTERM drains every service: a live connection on each is aborted
+        when its --drain-timeout runs out, recorded, and the exit is 0.
+        """
+        directory = temp_dir(self)
+        backend = start_http_backend(self)
+        log = directory / "connections.log"
+        proxy, ports = start_services(
+            self,
+            directory,
+            f"""
+            [DEFAULT]
+            listen = tcp:0:interface={HOST}
+            connect = tcp:{HOST}:{backend.port}
+            self-signed = localhost
+            connection-log = {log}
+            drain-timeout = 1
+            [a]
+            [b]
+            """,
+        )
+        for port in ports.values():
+            sock = tls_from(port, HOST)
+            self.addCleanup(sock.close)
+            self.assertEqual(fetch(sock), HELLO)
+        proxy.terminate()
+        self.assertEqual(proxy.wait_for_exit(), 0)
+        reasons = {
+            record["service"]: record["reason"]
+            for record in map(json.loads, log.read_text().splitlines())
+            if record["event"] == "close"
+        }
+        self.assertEqual(reasons, {"a": "drain timeout", "b": "drain timeout"})
+
 
 class ConfigErrorTests(TestCase):
     """A bad file ends start-up with one line naming file, section and key."""
