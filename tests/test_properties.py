@@ -225,7 +225,11 @@ CONNECTION_LOGS = choices(
     tagged(["\0", "\0/missing/connections.log", "\0/cert.pem/connections.log"], False),
     free=False,
 )
+# Never valid here: a --config beside service options, or a file that is
+# missing, a directory, or not INI (test_config tests good ones).
+CONFIGS = choices(tagged(["\0/missing.conf", "\0", "\0/cert.pem"], False), free=False)
 OPTIONS: dict[str, Values] = {
+    "config": CONFIGS,
     "listen": LISTEN,
     "connect": CONNECT,
     "cert": PEM_PATHS,
@@ -237,6 +241,7 @@ OPTIONS: dict[str, Values] = {
     "drain-timeout": SECONDS,
     "max-connections": COUNTS,
     "max-connections-per-client": COUNTS,
+    "max-connections-total": COUNTS,
     "proxy-protocol": VERSIONS,
     "connection-log": CONNECTION_LOGS,
     "metrics": METRICS,
@@ -449,6 +454,8 @@ class OptionsTests(unittest.TestCase):
         limits = [config.limits.total, config.limits.per_client]
         for name, actual in zip(COUNT_OPTIONS, limits, strict=True):
             self.assertEqual(actual, int(values[name]) if name in values else math.inf)
+        total = values.get("max-connections-total")
+        self.assertEqual(options.total, math.inf if total is None else int(total))
         header = {"v1": v1, "v2": v2}.get(values.get("proxy-protocol", ""), no_header)
         self.assertIs(config.header, header)
         self.assertEqual(options.fingerprint is not None, "self-signed" in values)

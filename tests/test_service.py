@@ -26,6 +26,7 @@ from tlsproxy.service import (
     Limits,
     ProxyConfig,
     ProxyService,
+    SharedLimit,
 )
 from tlsproxy.tls import ConfigError, Credentials
 
@@ -39,7 +40,9 @@ def address(host: str, port: int = 50000) -> IPv4Address:
 class Accepting:
     """A LimitedTLSFactory and the transports of what it accepted."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(
+        self, limits: Limits, shared: SharedLimit | None = None, name: str = "test"
+    ) -> None:
         self.clock = Clock()
         self.records: list[object] = []
         relay = RelayFactory(
@@ -47,9 +50,11 @@ class Accepting:
             clock=self.clock,
             observe=self.records.append,
             timeouts=Timeouts(),
-            service="test",
+            service=name,
         )
-        self.factory = LimitedTLSFactory(leaf_certificates(), relay, self.clock, limits)
+        self.factory = LimitedTLSFactory(
+            leaf_certificates(), relay, self.clock, limits, shared
+        )
 
     def accept(self, host: str, port: int = 50000) -> Transport:
         """Accept a connection from C{host}; return its transport."""
@@ -117,6 +122,31 @@ class LimitTests(SynchronousTestCase):
         accepting.accept("192.0.2.2")
         accepting.clock.advance(10)
         self.assertEqual([e["count"] for e in events if "count" in e], [3, 1])
+        self.assertEqual(event["service"], "test")
+
+    def test_shared(self) -> None:
+        """
+        Past the shared total across services (--max-connections-total), a
+        new connection to any of them is refused, and counted by the one
+        refusing it; each service's own limits still apply.
+        """
+        shared = SharedLimit(3)
+        web = Accepting(Limits(total=1), shared, "web")
+        mail = Accepting(Limits(), shared, "mail")
+        first = web.accept("192.0.2.1")
+        self.assertTrue(web.accept("192.0.2.2").aborted)
+        mail.accept("192.0.2.3")
+        mail.accept("192.0.2.4")
+        self.assertTrue(mail.accept("192.0.2.5").aborted)
+        self.assertEqual((web.factory.refused, mail.factory.refused), (1, 1))
+        web.close(first)
+        self.assertFalse(mail.accept("192.0.2.5").aborted)
+
+    def test_log_prefix(self) -> None:
+        """twistd's lines about the port name the service."""
+        self.assertEqual(
+            Accepting(Limits(), name="web").factory.logPrefix(), "web (TLS)"
+        )
 
 
 class DrainTests(SynchronousTestCase):
@@ -256,7 +286,8 @@ class SigtermTests(SynchronousTestCase):
         previous = signal.getsignal(signal.SIGTERM)
         self.addCleanup(signal.signal, signal.SIGTERM, previous)
         reactor = FakeReactor()
-        service = tap._Twistd("tcp:0", Service(), reactor)
+        service = tap._Twistd(reactor)
+        service.add(Service(), "--listen tcp:0")
         service.startService()
         [take] = reactor.when_running
         take()  # type: ignore[operator]
@@ -287,7 +318,9 @@ class SighupTests(SynchronousTestCase):
         self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
         reactor = FakeReactor()
         proxy = Reloaded()
-        service = tap._Twistd("tcp:0", proxy, reactor)  # type: ignore[arg-type]
+        service = tap._Twistd(reactor)
+        service.add(proxy, "--listen tcp:0")
+        service.proxies.append(tap.Proxy(config=None, service=proxy))  # type: ignore[arg-type]
         service.startService()
         [take] = reactor.when_running
         take()  # type: ignore[operator]

@@ -48,7 +48,8 @@ class ConnectionLog:
             os.write(self._fd, line.encode("utf-8"))
         except OSError as e:
             _log.error(
-                "connection log {path}: {error}; record {id} not written",
+                "[{service}] connection log {path}: {error}; record {id} not written",
+                service=record.service,
                 path=self._path,
                 error=e.strerror,
                 id=record.id,

@@ -65,6 +65,21 @@ class ProxyConfig:
     allow: AllowList = ANY_CERTIFICATE
 
 
+class SharedLimit:
+    """
+    At most C{total} live connections across all the listening factories
+    that share this limit (the services of one process).
+    """
+
+    def __init__(self, total: float = math.inf) -> None:
+        self.total = total
+        self.factories: list[LimitedTLSFactory] = []
+
+    def full(self) -> bool:
+        """Whether the factories have C{total} live connections between them."""
+        return sum(len(f.protocols) for f in self.factories) >= self.total
+
+
 class _Refused(Protocol):
     """A connection over a limit: closed at once, before any TLS byte."""
 
@@ -76,9 +91,9 @@ class _Refused(Protocol):
 class LimitedTLSFactory(TLSMemoryBIOFactory):
     """
     Twisted's TLS factory, counting its live connections: past C{total}
-    live connections, or C{per_client} from one address, a new connection is
-    accepted and closed at once; the refusals are counted and logged once
-    per C{report} seconds at most.
+    live connections, or C{per_client} from one address, or C{shared}'s
+    total across services, a new connection is accepted and closed at once;
+    the refusals are counted and logged once per C{report} seconds at most.
     """
 
     def __init__(
@@ -87,9 +102,13 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         relay: RelayFactory,
         clock: IReactorTime,
         limits: Limits,
+        shared: SharedLimit | None = None,
     ) -> None:
         super().__init__(ServerTLS(certificates), False, relay, clock)
         self._limits = limits
+        self._service = relay.service
+        self._shared = shared or SharedLimit()
+        self._shared.factories.append(self)
         self._hosts: dict[IProtocol, str | None] = {}
         self._per_client: Counter[str | None] = Counter()
         self.accepted = 0
@@ -103,6 +122,7 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         if (
             len(self.protocols) >= self._limits.total
             or self._per_client[host] >= self._limits.per_client
+            or self._shared.full()
         ):
             self.refused += 1
             self._unreported += 1
@@ -123,10 +143,16 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         if not self._per_client[host]:
             del self._per_client[host]
 
+    @override
+    def logPrefix(self) -> str:
+        """The service's name: twistd logs "web (TLS) starting on 443"."""
+        return f"{self._service} (TLS)"
+
     def _report(self) -> None:
         _log.warn(
-            "refused {count} connection(s) over the limits in {seconds} s"
-            " ({live} live now)",
+            "[{service}] refused {count} connection(s) over the limits in"
+            " {seconds} s ({live} live now)",
+            service=self._service,
             count=self._unreported,
             seconds=self._limits.report,
             live=len(self.protocols),
@@ -206,6 +232,7 @@ def proxy_service(
     config: ProxyConfig,
     reactor: IReactorCore,
     observe: RecordObserver = log_close,
+    shared: SharedLimit | None = None,
 ) -> ProxyService:
     """
     The service for C{config}: it binds its port in C{privilegedStartService}
@@ -213,6 +240,7 @@ def proxy_service(
 
     @param reactor: the reactor to listen, connect and time with.
     @param observe: called with each connection record.
+    @param shared: a limit on live connections shared with other services.
 
     @raise ValueError: an endpoint string is not understood.
     """
@@ -226,6 +254,6 @@ def proxy_service(
         header=config.header,
         allow=config.allow,
     )
-    tls = LimitedTLSFactory(config.certificates, relay, clock, config.limits)
+    tls = LimitedTLSFactory(config.certificates, relay, clock, config.limits, shared)
     listening = strports.service(config.listen, tls, reactor=reactor)
     return ProxyService(listening, tls, clock, config)

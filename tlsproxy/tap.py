@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import encodings.idna  # noqa: F401  (getaddrinfo needs it; not in a jail)
+import getopt
 import math
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import attrs
 from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -30,12 +32,13 @@ from twisted.python import usage
 from twisted.web.server import Site
 from typing_extensions import override
 
+from .config import read_services
 from .connlog import ConnectionLog
 from .metrics import Metrics
 from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
-from .service import Limits, ProxyConfig, ProxyService, proxy_service
+from .service import Limits, ProxyConfig, ProxyService, SharedLimit, proxy_service
 from .tls import (
     TLS12_CIPHERS,
     AllowList,
@@ -49,6 +52,8 @@ from .tls import (
 
 _log = Logger(namespace="tlsproxy")
 _ALLOW_KINDS = ("cn", "ou", "dns", "uri")
+PROCESS_WIDE = frozenset({"config", "metrics", "max-connections-total"})
+"""The options given on the command line also with C{--config}."""
 
 
 def _one_line_of(text: str) -> str:
@@ -95,6 +100,7 @@ class Options(usage.Options):
         "twistd's own --chroot, --uid, --gid, --pidfile, --logfile and --syslog."
     )
     optParameters = [
+        ["config", None, None, "INI file of services, one per section."],
         ["listen", None, "tcp:443", "Server endpoint string to accept TLS on."],
         ["connect", None, None, "Client endpoint string of the backend (required)."],
         ["self-signed", None, None, "Make a throwaway certificate for NAME."],
@@ -105,6 +111,7 @@ class Options(usage.Options):
         ["proxy-protocol", None, None, "Send a PROXY header to the backend: v1|v2."],
         ["max-connections", None, None, "Live connections at most [default: any]."],
         ["max-connections-per-client", None, None, "From one address at most."],
+        ["max-connections-total", None, None, "Live connections of all services."],
         ["drain-timeout", None, "10", "Seconds for live connections on SIGTERM."],
         ["metrics", None, None, "Serve Prometheus metrics on this endpoint."],
         ["alpn", None, "", "ALPN protocols to offer, e.g. http/1.1 [default: none]."],
@@ -150,11 +157,28 @@ class Options(usage.Options):
         self.allowed["uri"].add(name)
 
     fingerprint: str | None = None
+    given: frozenset[str] = frozenset()
+
+    @override
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Which options are given, their names spelled out as getopt does.
+        with contextlib.suppress(getopt.GetoptError):  # reported by usage
+            args = sys.argv[1:] if options is None else options
+            found, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
+            self.given = frozenset(name.lstrip("-") for name, _ in found)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]
 
     @override
     def postOptions(self) -> None:
         try:
-            self.config = self._config()
+            self.total = _count(
+                "--max-connections-total", self["max-connections-total"]
+            )
+            if self["config"] is None:
+                self.config = self._config()
+                self.services = [self]
+            else:
+                self.services = _services(self)
         except ConfigError as e:
             raise usage.UsageError(_one_line_of(str(e))) from None
 
@@ -256,6 +280,25 @@ def _ciphers(text: str) -> str:
     return text
 
 
+def _services(top: Options) -> list[Options]:
+    """The services of C{top}'s --config, each named by its section."""
+    path = top["config"]
+    beside = sorted(top.given - PROCESS_WIDE)
+    if beside:
+        raise ConfigError(f"--{beside[0]}: with --config, set it in {path}")
+    top.metrics = None
+    if top["metrics"] is not None:
+        _endpoint("--metrics", top["metrics"], serverFromString)
+        top.metrics = Metrics()
+    services = []
+    for name, options in read_services(path, Options, PROCESS_WIDE):
+        options.config = attrs.evolve(options.config, service=name)
+        if top.metrics is not None:
+            options.observers.append(top.metrics.observe)
+        services.append(options)
+    return services
+
+
 class StartupError(Exception):
     """A failure after the options were accepted; its text is one line."""
 
@@ -275,6 +318,14 @@ def _one_line(hook: Callable[..., object]) -> Callable[..., object]:
     return excepthook
 
 
+@attrs.frozen
+class Proxy:
+    """One service of the process: its validated configuration, and it."""
+
+    config: ProxyConfig
+    service: ProxyService
+
+
 class _Twistd(MultiService):
     """
     What only twistd's process gets: a port that cannot be bound ends
@@ -282,25 +333,30 @@ class _Twistd(MultiService):
     C{Exception}: that is what twistd reports to its parent process when it
     daemonizes); SIGTERM, after the drain, exits with status 0 (twistd
     would re-raise the signal, so that the status said "killed"); and
-    SIGHUP reloads the certificates of every service in L{proxies}.
+    SIGHUP reloads the certificates of every service.
+
+    @ivar proxies: the services, in the order of the command line or file.
     """
 
-    def __init__(
-        self, listen: str, service: ProxyService, reactor: IReactorCore
-    ) -> None:
+    def __init__(self, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._listen = listen
         self._reactor = reactor
-        self.proxies = [service]
+        self._where: dict[IService, str] = {}
+        self.proxies: list[Proxy] = []
         self._sighup = signal.getsignal(signal.SIGHUP)  # put back on stop
-        service.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def add(self, service: IService, where: str) -> None:
+        """Start and stop C{service} too; a bind failure names it C{where}."""
+        service.setServiceParent(self)
+        self._where[service] = where
 
     @override
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()  # type: ignore[no-untyped-call]
-        except CannotListenError as e:
-            raise StartupError(f"tlsproxy: --listen {self._listen}: {e}") from None
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except CannotListenError as e:
+                raise StartupError(f"tlsproxy: {self._where[service]}: {e}") from None
 
     @override
     def startService(self) -> None:
@@ -326,7 +382,7 @@ class _Twistd(MultiService):
 
     def _reload(self) -> None:
         for proxy in self.proxies:
-            proxy.reload()
+            proxy.service.reload()
 
     def _stop(self) -> None:
         with contextlib.suppress(ReactorNotRunning):  # a second SIGTERM
@@ -338,18 +394,27 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     sys.excepthook = _one_line(sys.excepthook)
-    if options.fingerprint is not None:
-        _log.warn(
-            "self-signed certificate for {name}, made for trying out only;"
-            " SHA-256 fingerprint {fingerprint}",
-            name=options["self-signed"],
-            fingerprint=options.fingerprint,
-        )
-    service = proxy_service(options.config, reactor, fan_out(options.observers))
-    top = _Twistd(options["listen"], service, reactor)
+    top = _Twistd(reactor)
+    shared = SharedLimit(options.total)
     metrics = options.metrics
+    path = options["config"]
+    for one in options.services:
+        config = one.config
+        if one.fingerprint is not None:
+            _log.warn(
+                "[{service}] self-signed certificate for {name}, made for trying"
+                " out only; SHA-256 fingerprint {fingerprint}",
+                service=config.service,
+                name=one["self-signed"],
+                fingerprint=one.fingerprint,
+            )
+        service = proxy_service(config, reactor, fan_out(one.observers), shared)
+        where = "--listen" if path is None else f"{path} [{config.service}] listen:"
+        top.add(service, f"{where} {config.listen}")
+        top.proxies.append(Proxy(config=config, service=service))
+        if metrics is not None:
+            metrics.watch(config.service, service.tls)
     if metrics is not None:
-        metrics.watch(options.config.service, service.tls)
         page = strports.service(options["metrics"], Site(metrics.page()), reactor)
-        page.setServiceParent(top)
+        top.add(page, f"--metrics {options['metrics']}")
     return top

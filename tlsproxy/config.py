@@ -1,0 +1,126 @@
+"""
+C{--config FILE}: several services in one process, one per section of an
+INI file.
+
+A section is a service, named by the section.  Its keys are the long
+options without C{--}, its values written as on the command line; a
+repeatable option takes one value per line, a flag yes/no/true/false/on/off
+/1/0.  C{[DEFAULT]} gives values to every section.  Each section becomes a
+command line, validated by the same L{usage.Options} as the command line
+itself, so every check applies to both; an error names the file, the
+section and the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from collections.abc import Callable, Collection, Mapping
+from typing import TypeVar
+
+from twisted.python import usage
+
+from .tls import ConfigError
+
+OptionsT = TypeVar("OptionsT", bound=usage.Options)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def read_services(
+    path: str, make: Callable[[], OptionsT], process_wide: Collection[str]
+) -> list[tuple[str, OptionsT]]:
+    """
+    The services of the INI file at C{path}, in its order: each section's
+    name, and the options C{make()} parsed from its keys.  Keys named in
+    C{process_wide} belong on the command line, not in the file.
+
+    @raise ConfigError: the file cannot be read or is not INI, it has no
+        section, or a section's name or one of its keys or values is
+        refused.
+    """
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from None
+    if not parser.sections():
+        raise ConfigError(f"--config {path}: no service (a section such as [https])")
+    kinds = _kinds(make())
+    _argv(f"{path} [DEFAULT]", parser.defaults(), kinds, process_wide)
+    services: list[tuple[str, OptionsT]] = []
+    for name in parser.sections():
+        where = f"{path} [{name}]"
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a name of letters, digits, '.', '_', '-'")
+        options = make()
+        try:
+            argv = _argv(where, parser[name], kinds, process_wide)
+            options.parseOptions(argv)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            raise ConfigError(f"{where} {_in_file_terms(str(e), kinds)}") from None
+        services.append((name, options))
+    return services
+
+
+def _kinds(options: usage.Options) -> dict[str, str]:
+    """
+    What each option of C{options} takes: a C{"flag"} (optFlags), a
+    C{"value"} (optParameters: the last one given counts) or C{"values"}
+    (an C{opt_} method that takes a value: repeatable).
+    """
+    kinds = {}
+    for spelled in options.longOpt:
+        name = spelled.rstrip("=")
+        if name in options.defaults:
+            kinds[name] = "value" if spelled.endswith("=") else "flag"
+        elif spelled.endswith("="):
+            kinds[name] = "values"
+    return kinds
+
+
+def _argv(
+    where: str,
+    section: Mapping[str, str],
+    kinds: Mapping[str, str],
+    process_wide: Collection[str],
+) -> list[str]:
+    """The command line that says what C{section} says."""
+    argv = []
+    for key, value in section.items():
+        if key in process_wide:
+            raise ConfigError(f"{where} {key}: process-wide: give --{key} instead")
+        kind = kinds.get(key)
+        if kind is None:
+            raise ConfigError(f"{where} {key}: unknown key")
+        lines = [line for line in value.split("\n") if line] or [value]
+        if kind == "flag":
+            argv += [f"--{key}"] if _yes(f"{where} {key}", value) else []
+        elif len(lines) > 1 and kind == "value":
+            raise ConfigError(f"{where} {key}: one value only, not {len(lines)}")
+        else:
+            argv += [f"--{key}={line}" for line in lines]
+    return argv
+
+
+def _yes(where: str, value: str) -> bool:
+    states = configparser.ConfigParser.BOOLEAN_STATES
+    if value.lower() not in states:
+        raise ConfigError(f"{where}: {value}: not yes/no, true/false, on/off or 1/0")
+    return states[value.lower()]
+
+
+def _in_file_terms(message: str, keys: Collection[str]) -> str:
+    """
+    A command-line error message as the file would say it: the options'
+    names without C{--}, the first one as the key (C{"cert: /x.pem: ..."}).
+    """
+    first = re.match(r"--([a-z][a-z0-9-]*) ", message)
+    if first and first[1] in keys:
+        message = f"{first[1]}: {message[first.end() :]}"
+    return re.sub(
+        r"--([a-z][a-z0-9-]*)", lambda m: m[1] if m[1] in keys else m[0], message
+    )
