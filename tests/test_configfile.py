@@ -6,6 +6,9 @@ in one real process, on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import ssl
 import textwrap
 from pathlib import Path
@@ -182,6 +185,55 @@ class ServicesTests(TestCase):
             if record["event"] == "close"
         }
         self.assertEqual(reasons, {"a": "drain timeout", "b": "drain timeout"})
+
+    def test_sighup_reloads_each(self) -> None:
+        """
+        SIGHUP reloads every service: one whose file is now bad keeps its
+        certificate, with one line naming it; the other takes its new one.
+        """
+        directory = temp_dir(self)
+        backend = start_http_backend(self)
+        good, bad = certificates(self), certificates(self)
+        proxy, ports = start_services(
+            self,
+            directory,
+            f"""
+            [DEFAULT]
+            listen = tcp:0:interface={HOST}
+            connect = tcp:{HOST}:{backend.port}
+            [good]
+            cert = {good.cert}
+            key = {good.key}
+            [bad]
+            cert = {bad.cert}
+            key = {bad.key}
+            """,
+        )
+        served = {name: served_der(port) for name, port in ports.items()}
+        fresh = certificates(self)
+        good.cert.write_bytes(fresh.cert.read_bytes())
+        good.key.write_bytes(fresh.key.read_bytes())
+        bad.key.write_bytes(b"junk")
+        os.kill(proxy.pid, signal.SIGHUP)
+        proxy.wait_for_log("good: certificates reloaded")
+        proxy.wait_for_log(
+            rf"bad: reload failed, the old certificates stay: --key {bad.key}: "
+        )
+        self.assertNotEqual(served_der(ports["good"]), served["good"])
+        self.assertEqual(served_der(ports["bad"]), served["bad"])
+
+
+def served_der(port: int) -> bytes:
+    """The certificate a client is served on C{port}, in DER."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(
+        socket.create_connection((HOST, port)), server_hostname="localhost"
+    ) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return der
 
 
 class ConfigErrorTests(TestCase):
