@@ -17,14 +17,15 @@ from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorCore, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
 
+from .backend import BackendTLS, backend_endpoint
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
@@ -53,17 +54,20 @@ class ProxyConfig:
     One proxy service: accept TLS on C{listen} (a server endpoint string),
     with C{context}, and relay each connection to C{connect} (a client
     endpoint string), after C{header} (a PROXY protocol header encoder from
-    L{tlsproxy.proxyheader}, or none).
+    L{tlsproxy.proxyheader}, or none).  A C{tls:HOST:PORT} C{connect} needs
+    C{backend_tls}, and then C{context} may be C{None}: plain TCP is
+    accepted (C{--client}).
     """
 
     listen: str
     connect: str
-    context: SSL.Context
+    context: SSL.Context | None
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     service: str = "tlsproxy"
     header: HeaderEncoder = no_header
     limits: Limits = attrs.field(factory=Limits)
     allow: AllowList = ANY_CERTIFICATE
+    backend_tls: BackendTLS | None = None
 
 
 class _Refused(Protocol):
@@ -90,6 +94,9 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         limits: Limits,
     ) -> None:
         super().__init__(ServerTLS(context), False, relay, clock)
+        self._limit(limits)
+
+    def _limit(self, limits: Limits) -> None:
         self._limits = limits
         self._hosts: dict[IProtocol, str | None] = {}
         self._per_client: Counter[str | None] = Counter()
@@ -133,6 +140,22 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
             live=len(self.protocols),
         )
         self._unreported = 0
+
+
+class LimitedPlainFactory(LimitedTLSFactory):
+    """
+    The limits and the drain of L{LimitedTLSFactory} for clients that speak
+    plain TCP (C{--client}): a bare L{ProtocolWrapper}, no TLS, keeps count.
+    """
+
+    protocol = ProtocolWrapper  # type: ignore[assignment]
+    logPrefix = WrappingFactory.logPrefix  # (not "... (TLS)")
+
+    def __init__(self, relay: RelayFactory, clock: IReactorTime, limits: Limits):
+        # (Past TLSMemoryBIOFactory's __init__, which wants a TLS context.)
+        super(TLSMemoryBIOFactory, self).__init__(relay)  # type: ignore[no-untyped-call]
+        self._clock = clock
+        self._limit(limits)
 
 
 class ProxyService(MultiService):
@@ -187,7 +210,7 @@ def proxy_service(
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     relay = RelayFactory(
-        connect=clientFromString(reactor, config.connect),
+        connect=backend_endpoint(reactor, config.connect, config.backend_tls),
         clock=clock,
         observe=observe,
         timeouts=config.timeouts,
@@ -195,6 +218,15 @@ def proxy_service(
         header=config.header,
         allow=config.allow,
     )
-    tls = LimitedTLSFactory(config.context, relay, clock, config.limits)
+    tls = _client_factory(config, relay, clock)
     listening = strports.service(config.listen, tls, reactor=reactor)
     return ProxyService(listening, tls, clock, config.limits.drain)
+
+
+def _client_factory(
+    config: ProxyConfig, relay: RelayFactory, clock: IReactorTime
+) -> LimitedTLSFactory:
+    """The factory for the clients' connections: TLS, or plain with no context."""
+    if config.context is None:
+        return LimitedPlainFactory(relay, clock, config.limits)
+    return LimitedTLSFactory(config.context, relay, clock, config.limits)
