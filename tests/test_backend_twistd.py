@@ -6,11 +6,12 @@ C{twistd -n tlsproxy} between curl and a TLS backend on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import threading
 from pathlib import Path
-from unittest import TestCase
+from unittest import SkipTest, TestCase, mock
 
 import attrs
 import trustme
@@ -29,6 +30,7 @@ from tests.harness import (
     temp_dir,
     wait_until,
 )
+from tests.test_jail import _NO_JAIL, JailedProxy, make_jail
 
 BODY = b"hello over TLS\n"
 
@@ -65,6 +67,11 @@ class TLSBackend:
         self._thread = threading.Thread(target=self._serve, name="tls-backend")
         self._thread.start()
         case.addCleanup(self._close)
+
+    def seen(self) -> list[Visit]:
+        """The visits, once there is one."""
+        wait_until(lambda: bool(self.visits), "a visit to the TLS backend")
+        return self.visits
 
     def _close(self) -> None:
         self._stop.set()
@@ -158,7 +165,7 @@ class TLSBackendTests(TestCase):
         )
         self.assertEqual(curl_ok(*curl), BODY)
         proxy.wait_for_closes(1)
-        [visit] = backend.visits
+        [visit] = backend.seen()
         self.assertTrue(visit.request.startswith(b"GET / HTTP/1.1\r\n"))
         opened = records(setup.log)[0]
         self.assertEqual(
@@ -196,8 +203,7 @@ class TLSBackendTests(TestCase):
             proxy_header=True,
         )  # fmt: skip
         self.assertEqual(curl_ok(*curl), BODY)
-        wait_until(lambda: bool(backend.visits), "the backend's visit")
-        [visit] = backend.visits
+        [visit] = backend.seen()
         self.assertRegex(
             visit.preamble.decode(),
             rf"\APROXY TCP4 {HOST} {HOST} \d+ {proxy.port}\r\n\Z",
@@ -224,7 +230,28 @@ class ClientModeTests(TestCase):
         self.assertIn("closed: backend closed", line)
         opened = records(setup.log)[0]
         self.assertIsNone(opened["tls_version"])
-        self.assertEqual(opened["backend_local_port"], backend.visits[0].peer[1])
+        self.assertEqual(opened["backend_local_port"], backend.seen()[0].peer[1])
+
+
+class JailTests(TestCase):
+    """TLS toward the backend from inside twistd's jail."""
+
+    def test_platform_trust_in_jail(self) -> None:
+        """
+        The platform's CAs (here SSL_CERT_FILE's) are read before the
+        chroot: in the jail, a --client proxy verifies a backend with them.
+        """
+        if _NO_JAIL is not None:
+            raise SkipTest(_NO_JAIL)
+        setup = Setup(self)
+        backend = TLSBackend(self, setup.leaf, proxy_header=False)
+        args = ["--client", "--listen", f"tcp:0:interface={HOST}"]
+        args += ["--connect", f"tls:{HOST}:{backend.port}"]
+        with mock.patch.dict(os.environ, {"SSL_CERT_FILE": str(setup.ca_file)}):
+            proxy = JailedProxy(temp_dir(self), make_jail(self), args, daemon=False)
+        self.addCleanup(proxy.stop)
+        self.assertEqual(curl_ok(f"http://{HOST}:{proxy.port}/"), BODY)
+        self.assertIn("closed: backend closed", proxy.wait_for_closes(1)[0])
 
 
 class StartupErrorTests(TestCase):
