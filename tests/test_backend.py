@@ -168,6 +168,13 @@ class BackendTLSTests(SynchronousTestCase):
         self.assertRaises(ConfigError, tls.reload)
         self.assertEqual(self.pair(tls).records[-1].event, "open")
 
+    def test_reload_platform_trust(self) -> None:
+        """reload() without --backend-ca keeps the platform's CAs as read."""
+        tls = BackendTLS("backend.example")
+        before = tls._creator
+        tls.reload()
+        self.assertIs(tls._creator, before)
+
     def test_host_of(self) -> None:
         """The host to verify is read as Twisted reads the endpoint string."""
         self.assertEqual(host_of("tls:backend.example:443"), "backend.example")

@@ -98,12 +98,14 @@ class BackendTLS:
     def reload(self) -> None:
         """
         Re-read C{ca_path} and verify new connections with it (those under
-        way are not disturbed).
+        way are not disturbed).  The platform's CAs are not re-read: in a
+        jail they are not there.
 
         @raise ConfigError: the file is now unreadable or has no
             certificate; the trust in use stays.
         """
-        self._creator = self._load()
+        if self.ca_path is not None:
+            self._creator = self._load()
 
     def _load(self) -> IOpenSSLClientConnectionCreator:
         trust = (
