@@ -340,28 +340,22 @@ class SampleTests(SynchronousTestCase):
             log.close()
 
 
-class FlagOptions(tap.Options):
-    """tap.Options with a flag, as other options will have."""
-
-    optFlags = [["client", None, "A flag."]]
-
-
 class FlagTests(SynchronousTestCase):
     """A flag is any of yes/no, true/false, on/off, 1/0."""
 
-    def read(self, value: str) -> FlagOptions:
+    def read(self, value: str) -> tap.Options:
         path = Files(self).ini(
-            f"[web]\nconnect = tcp:h:1\nself-signed = x\nclient = {value}\n"
+            f"[web]\nconnect = tcp:h:1\nself-signed = x\nsni-strict = {value}\n"
         )
-        [(_, options)] = config.read_services(path, FlagOptions, tap.PROCESS_WIDE)
+        [(_, options)] = config.read_services(path, tap.Options, tap.PROCESS_WIDE)
         return options
 
     def test_flags(self) -> None:
         """Each spelling of yes and no sets the flag or leaves it unset."""
         for value in ("yes", "True", "on", "1"):
-            self.assertTrue(self.read(value)["client"], value)
+            self.assertTrue(self.read(value)["sni-strict"], value)
         for value in ("no", "false", "OFF", "0"):
-            self.assertFalse(self.read(value)["client"], value)
+            self.assertFalse(self.read(value)["sni-strict"], value)
 
     def test_bad_flag(self) -> None:
         """Anything else is refused, naming the key and the value."""
@@ -369,7 +363,7 @@ class FlagTests(SynchronousTestCase):
             self.read("maybe")
         self.assertTrue(
             str(caught.exception).endswith(
-                " [web] client: maybe: not yes/no, true/false, on/off or 1/0"
+                " [web] sni-strict: maybe: not yes/no, true/false, on/off or 1/0"
             )
         )
 

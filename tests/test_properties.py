@@ -220,6 +220,10 @@ CLIENT_CAS = choices(
     tagged(["\0/cert.pem", "\0/both.pem"], True),
     tagged(["\0/key.pem", "\0/garbage.pem", "\0/missing.pem", "\0"], False),
 )
+BACKEND_CAS = choices(
+    tagged(["\0/cert.pem", "\0/both.pem"], True),
+    tagged(["\0/key.pem", "\0/garbage.pem", "\0/missing.pem", "\0"], False),
+)
 CONNECTION_LOGS = choices(
     tagged(["\0/connections.log"], True),
     tagged(["\0", "\0/missing/connections.log", "\0/cert.pem/connections.log"], False),
@@ -249,6 +253,7 @@ OPTIONS: dict[str, Values] = {
     "tls-min": TLS_VERSIONS,
     "ciphers": CIPHERS,
     "client-ca": CLIENT_CAS,
+    "backend-ca": BACKEND_CAS,
 }
 COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
 # Options given more than once are all used (not only the last).
@@ -256,6 +261,11 @@ REPEATABLE = {"cert", "key"}
 DEFAULTS: dict[str, str | None] = {
     str(name): default for name, _, default, _ in tap.Options.optParameters
 }
+# --client, a flag: plain TCP from the clients, TLS toward a tls: backend.
+CLIENT = Item("client", ["--client"], "", True)
+# What --client may not have: the options of TLS toward the clients.
+# (And --cert and --key, which are repeatable.)
+SERVER_TLS = ["self-signed", "client-ca", "alpn", "tls-min", "ciphers"]
 NOISE = [
     Item(None, ["--bogus"], "", False),
     Item(None, ["--bogus=1"], "", False),
@@ -287,6 +297,7 @@ def command_lines(draw: st.DrawFn) -> list[Item]:
     items += [draw(option_items(name)) for name in certificate.split()]
     items += draw(st.lists(option_items(), max_size=4))
     items += draw(st.lists(st.sampled_from(NOISE), max_size=1))
+    items += [CLIENT] if draw(st.integers(0, 4)) == 0 else []
     items = list(draw(st.permutations(items)))
     if draw(st.integers(0, 19)) == 0:
         name = draw(st.sampled_from(sorted(OPTIONS)))
@@ -339,10 +350,23 @@ def expected(items: list[Item]) -> tuple[Validity, dict[str, str]]:
             given[item.option] = (item.value, item.valid)
             repeated.get(item.option, []).append(item.value)
     validities += [
-        valid for name, (_, valid) in given.items() if name not in REPEATABLE
+        valid
+        for name, (_, valid) in given.items()
+        if name not in REPEATABLE | {"client"}
     ]
     validities.append("connect" in given)
-    validities.append(certificate_validity(given, repeated["cert"], repeated["key"]))
+    tls = given.get("connect", ("",))[0].startswith("tls:")
+    if "backend-ca" in given:
+        validities.append(tls)
+    if "client" in given:
+        listen = given.get("listen", ("",))[0]
+        validities.append(tls and not listen.startswith("haproxy:"))
+        validities += [given[o][0] == DEFAULTS[o] for o in SERVER_TLS if o in given]
+        validities.append(not (repeated["cert"] or repeated["key"]))
+    else:
+        validities.append(
+            certificate_validity(given, repeated["cert"], repeated["key"])
+        )
     return conjunction(validities), {name: value for name, (value, _) in given.items()}
 
 
@@ -442,6 +466,8 @@ class OptionsTests(unittest.TestCase):
         config = options.config
         self.assertEqual(config.listen, value("listen"))
         self.assertEqual(config.connect, value("connect"))
+        self.assertEqual(config.certificates is None, "client" in values)
+        self.assertEqual(config.backend_tls is not None, value("connect")[:4] == "tls:")
         durations = {
             "handshake-timeout": config.timeouts.handshake,
             "connect-timeout": config.timeouts.connect,

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tlsproxy import tap
+from tlsproxy.backend import BackendTLS
 from tlsproxy.relay import RelayFactory, Timeouts
 from tlsproxy.service import (
     TICKET_KEY_LIFETIME,
@@ -28,9 +29,9 @@ from tlsproxy.service import (
     ProxyService,
     SharedLimit,
 )
-from tlsproxy.tls import ConfigError, Credentials
+from tlsproxy.tls import Certificates, ConfigError, Credentials
 
-from .memory import Endpoint, Transport, leaf_certificates
+from .memory import CA, Endpoint, Transport, leaf_certificates
 
 
 def address(host: str, port: int = 50000) -> IPv4Address:
@@ -398,3 +399,60 @@ class ReloadTests(SynchronousTestCase):
         self.service.stopService()
         self.accepting.clock.advance(TICKET_KEY_LIFETIME)
         self.assertIs(self.certificates.context, contexts[-1])
+
+
+class BackendReloadTests(SynchronousTestCase):
+    """A reload reads the backend's CA file too; --client has no ticket keys."""
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.ca = self.mktemp()
+        CA.cert_pem.write_to_path(self.ca)
+        self.backend_tls = BackendTLS("backend.example", self.ca)
+        self.accepting = Accepting(Limits())
+
+    def service(self, certificates: Certificates | None) -> ProxyService:
+        return ProxyService(
+            Service(),
+            self.accepting.factory,
+            self.accepting.clock,
+            ProxyConfig(
+                listen="tcp:0",
+                connect="tls:backend.example:443",
+                certificates=certificates,
+                backend_tls=self.backend_tls,
+                service="web",
+            ),
+        )
+
+    def messages(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("service") == "web"]
+
+    def test_each_file_kept_or_taken(self) -> None:
+        """A bad backend CA file is kept, named; the certificates still reload."""
+        certificates = leaf_certificates()
+        old = certificates.context
+        service = self.service(certificates)
+        os.remove(self.ca)
+        service.reload()
+        self.assertIsNot(certificates.context, old)
+        self.assertEqual(
+            self.messages(),
+            [
+                "web: reload failed, the old certificates stay:"
+                f" --backend-ca {self.ca}: No such file or directory"
+            ],
+        )
+
+    def test_client_mode(self) -> None:
+        """Without certificates (--client), reload and rotation are harmless."""
+        service = self.service(None)
+        service.startService()
+        self.accepting.clock.advance(TICKET_KEY_LIFETIME)
+        service.reload()
+        self.assertEqual(self.messages(), ["web: certificates reloaded"])
+        service.stopService()

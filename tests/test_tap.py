@@ -144,10 +144,10 @@ class OptionsTests(SynchronousTestCase):
             "--connect tcp:h:1\\: generator raised StopIteration",
         )
         message = self.error(
-            "--connect", "tls:h:443:trustRoots=/nonexistent", "--self-signed", "x"
+            "--connect", "ssl:h:443:caCertsDir=/nonexistent", "--self-signed", "x"
         )
         self.assertEqual(
-            message, "--connect tls:h:443:trustRoots=/nonexistent: UnlistableError"
+            message, "--connect ssl:h:443:caCertsDir=/nonexistent: UnlistableError"
         )
 
     def test_control_characters_escaped(self) -> None:

@@ -4,9 +4,11 @@ gets once its handshake has completed.
 
 L{ClientSide} owns the pair.  Its contract:
 
-  - the backend is connected only after the TLS handshake completes; client
-    bytes decrypted before the backend is there wait in L{_Connecting} (at
-    most one read's worth: the client is paused at the handshake);
+  - the backend is connected only after the TLS handshake completes (at
+    once for a plain TCP client, C{--client}); client bytes decrypted before
+    the backend is there wait in L{_Connecting} (at most one read's worth:
+    the client is paused at the handshake).  A TLS backend is there once
+    verified (L{tlsproxy.backend}); the PROXY header goes before its TLS;
   - flow control both ways: each side's transport pauses the other side's
     reading when its write buffer is full, so a connection holds at most
     about one read and one write buffer per direction (see README.rst);
@@ -37,6 +39,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
     ITCPTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
@@ -45,6 +48,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
+from .backend import BackendTLSError
 from .proxyheader import HeaderEncoder, no_header
 from .record import ConnectionRecord, RecordObserver, host_port
 from .tls import (
@@ -77,6 +81,8 @@ class _BackendEnd(typing.Protocol):
 
     def abortConnection(self) -> None: ...
 
+    def unregisterProducer(self) -> None: ...
+
 
 class _Pausable(typing.Protocol):
     def pauseProducing(self) -> None: ...
@@ -108,7 +114,7 @@ class _NoBackend:
     def abortConnection(self) -> None:
         pass
 
-    loseConnection = abortConnection
+    loseConnection = unregisterProducer = abortConnection
 
 
 class _Connecting:
@@ -130,6 +136,24 @@ class _Connecting:
 
     def abortConnection(self) -> None:
         self.attempt.cancel()
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+class _Gone:
+    """
+    The backend once its connection is lost: client bytes still arriving are
+    dropped, and there is nothing to close (a lost TLS layer must not be).
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+    loseConnection = unregisterProducer = abortConnection
 
 
 @implementer(IPushProducer)
@@ -154,12 +178,16 @@ class _Throttle:
         pass
 
 
+_TLS_ERROR = {"client": "TLS error", "backend": "backend TLS error"}
+
+
 def describe(side: str, reason: Failure) -> str:
     """The close reason for a side's loss: one short line, no payload."""
     if reason.check(ConnectionDone):
         return f"{side} closed"
     if reason.check(SSL.Error):
-        return f"TLS error: {openssl_reasons(typing.cast(SSL.Error, reason.value))}"
+        why = openssl_reasons(typing.cast(SSL.Error, reason.value))
+        return f"{_TLS_ERROR[side]}: {why}"
     return f"{side} error: {reason.getErrorMessage()}"
 
 
@@ -181,6 +209,24 @@ def _without_proxy_header(transport: TLSMemoryBIOProtocol) -> bool:
     """
     below = transport.transport
     return isinstance(below, HAProxyProtocolWrapper) and below._proxyInfo is None
+
+
+def _in_clear(transport: ITransport) -> ITransport:
+    """Where bytes go unencrypted: under a TLS layer toward the backend, if any."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return typing.cast(ITransport, transport.transport)
+    return transport
+
+
+def _asked(transport: object) -> tuple[str | None, str | None]:
+    """
+    The server name a TLS client asked for, and the TLS layer's own reason
+    for refusing it (such as an SNI name), if any; none for plain TCP.
+    """
+    if not isinstance(transport, TLSMemoryBIOProtocol):
+        return None, None
+    tls = typing.cast(ServerConnection, transport.getHandle())
+    return _text(tls.get_servername()), tls.refusal
 
 
 def _text(value: bytes | None) -> str | None:
@@ -224,7 +270,7 @@ class ClientSide(Protocol):
     pair (see the module's docstring for the contract).
     """
 
-    transport: TLSMemoryBIOProtocol
+    transport: TLSMemoryBIOProtocol  # (a bare ProtocolWrapper under --client)
 
     def __init__(self, relay: RelayFactory) -> None:
         self._relay = relay
@@ -255,6 +301,8 @@ class ClientSide(Protocol):
         self._deadline: IDelayedCall = relay.clock.callLater(
             self._period, self._timed_out
         )
+        if not isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._connect_backend()  # plain TCP (--client): no handshake
 
     def _note_addresses(self) -> None:
         """
@@ -294,17 +342,16 @@ class ClientSide(Protocol):
 
     def handshakeCompleted(self) -> None:
         """
-        Note the TLS facts, hold the client's further bytes, and connect to
-        the backend.
+        Note the TLS facts, then connect to the backend.
         """
-        self._handshake_done = self._relay.clock.seconds()
+        handshake_done = self._relay.clock.seconds()
         self._note_addresses()
         tls = self.transport.getHandle()
         certificate = tls.get_peer_certificate(as_cryptography=True)
         subject, cn = subject_and_cn(certificate)
         self._record = attrs.evolve(
             self._record,
-            handshake_time=self._handshake_done - self._record.opened,
+            handshake_time=handshake_done - self._record.opened,
             tls_version=tls.get_protocol_version_name(),
             cipher=tls.get_cipher_name(),
             sni=_text(tls.get_servername()),
@@ -316,9 +363,15 @@ class ClientSide(Protocol):
         if refusal is not None:
             self.abort(refusal)
             return
+        self._connect_backend()
+
+    def _connect_backend(self) -> None:
+        """Hold the client's further bytes, and connect to the backend."""
+        self._connect_started = self._relay.clock.seconds()
         self.transport.pauseProducing()
         self._arm(self._relay.timeouts.connect, "backend connect timeout")
-        attempt = self._relay.connect.connect(_BackendFactory(self))
+        header = self._relay.header(self._record)
+        attempt = self._relay.connect.connect(_BackendFactory(self, header))
         pending = _Connecting(attempt)
         self._backend = pending
         self._open_sides = 2
@@ -336,14 +389,14 @@ class ClientSide(Protocol):
         backend_host, backend_port = host_port(transport.getPeer())
         self._record = attrs.evolve(
             self._record,
-            connect_time=self._relay.clock.seconds() - self._handshake_done,
+            connect_time=self._relay.clock.seconds() - self._connect_started,
             backend_local_host=local_host,
             backend_local_port=local_port,
             backend_host=backend_host,
             backend_port=backend_port,
         )
-        # The PROXY header (if any) first, then what the client sent meanwhile.
-        transport.writeSequence([self._relay.header(self._record), *pending.chunks])
+        # What the client sent meanwhile (after the PROXY header, if any).
+        transport.writeSequence(pending.chunks)
         self._relay.observe(self._counted(event="open"))
         if pending.closing:
             # The client finished while we connected: deliver, then FIN.
@@ -355,7 +408,10 @@ class ClientSide(Protocol):
         self._arm(self._relay.timeouts.idle, "idle timeout")
 
     def _backend_failed(self, reason: Failure) -> None:
-        self._note(f"backend connect failed: {reason.getErrorMessage()}")
+        failed = "backend connect failed"
+        if reason.check(BackendTLSError):  # (TLS toward the backend)
+            failed = "backend TLS error"
+        self._note(f"{failed}: {reason.getErrorMessage()}")
         if self._open_sides == 2:  # the client is still connected
             self.transport.abortConnection()
         self._side_closed()
@@ -378,6 +434,7 @@ class ClientSide(Protocol):
         byte and then close_notify; anything else aborts the client.
         """
         self._note(describe("backend", reason))
+        self._backend = _Gone()
         if self._open_sides == 2:  # the client is still connected
             if reason.check(ConnectionDone):
                 self.transport.unregisterProducer()
@@ -393,11 +450,9 @@ class ClientSide(Protocol):
         if self._deadline.active():
             self._deadline.cancel()
         self._note_peer()  # a PROXY header may have come without a handshake
-        tls = typing.cast(ServerConnection, self.transport.getHandle())
         # The name asked for, also when the handshake failed (for the log).
-        self._record = attrs.evolve(self._record, sni=_text(tls.get_servername()))
-        # (The TLS layer's own reason for a refusal, such as an SNI name.)
-        refusal = tls.refusal
+        sni, refusal = _asked(self.transport)
+        self._record = attrs.evolve(self._record, sni=sni)
         self._note(
             "no valid PROXY header"
             if _without_proxy_header(self.transport)
@@ -405,6 +460,8 @@ class ClientSide(Protocol):
         )
         self._side_closed()  # first, so that the backend sees the client gone
         if reason.check(ConnectionDone):
+            # (A TLS layer toward the backend closes only without a producer.)
+            self._backend.unregisterProducer()
             self._backend.loseConnection()
         else:
             self._backend.abortConnection()
@@ -445,10 +502,19 @@ class ClientSide(Protocol):
 
 
 class _BackendSide(Protocol):
-    """The backend's side of the pair: everything goes to its L{ClientSide}."""
+    """
+    The backend's side of the pair: it sends the PROXY header, in clear,
+    first; everything it receives goes to its L{ClientSide}.
+    """
 
-    def __init__(self, client: ClientSide) -> None:
+    def __init__(self, client: ClientSide, header: bytes) -> None:
         self._client = client
+        self._header = header
+
+    @override
+    def connectionMade(self) -> None:
+        # Under a TLS layer, this is before its ClientHello.
+        _in_clear(typing.cast(ITransport, self.transport)).write(self._header)
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -464,9 +530,10 @@ class _BackendFactory(Factory):
 
     noisy = False
 
-    def __init__(self, client: ClientSide) -> None:
+    def __init__(self, client: ClientSide, header: bytes) -> None:
         self._client = client
+        self._header = header
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> _BackendSide:
-        return _BackendSide(self._client)
+        return _BackendSide(self._client, self._header)

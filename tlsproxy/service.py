@@ -16,14 +16,15 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorCore, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
 
+from .backend import BackendTLS, backend_endpoint
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
@@ -52,17 +53,24 @@ class ProxyConfig:
     One proxy service: accept TLS on C{listen} (a server endpoint string),
     with C{certificates}, and relay each connection to C{connect} (a client
     endpoint string), after C{header} (a PROXY protocol header encoder from
-    L{tlsproxy.proxyheader}, or none).
+    L{tlsproxy.proxyheader}, or none).  A C{tls:HOST:PORT} C{connect} needs
+    C{backend_tls}, and then C{certificates} may be C{None}: plain TCP is
+    accepted (C{--client}).
     """
 
     listen: str
     connect: str
-    certificates: Certificates
+    certificates: Certificates | None
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     service: str = "tlsproxy"
     header: HeaderEncoder = no_header
     limits: Limits = attrs.field(factory=Limits)
     allow: AllowList = ANY_CERTIFICATE
+    backend_tls: BackendTLS | None = None
+
+
+class Reloadable(typing.Protocol):
+    def reload(self) -> None: ...
 
 
 class SharedLimit:
@@ -105,8 +113,11 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         shared: SharedLimit | None = None,
     ) -> None:
         super().__init__(ServerTLS(certificates), False, relay, clock)
+        self._limit(limits, shared)
+
+    def _limit(self, limits: Limits, shared: SharedLimit | None) -> None:
         self._limits = limits
-        self._service = relay.service
+        self._service = typing.cast(RelayFactory, self.wrappedFactory).service
         self._shared = shared or SharedLimit()
         self._shared.factories.append(self)
         self._hosts: dict[IProtocol, str | None] = {}
@@ -160,6 +171,28 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
         self._unreported = 0
 
 
+class LimitedPlainFactory(LimitedTLSFactory):
+    """
+    The limits and the drain of L{LimitedTLSFactory} for clients that speak
+    plain TCP (C{--client}): a bare L{ProtocolWrapper}, no TLS, keeps count.
+    """
+
+    protocol = ProtocolWrapper  # type: ignore[assignment]
+    logPrefix = WrappingFactory.logPrefix  # (not "... (TLS)")
+
+    def __init__(
+        self,
+        relay: RelayFactory,
+        clock: IReactorTime,
+        limits: Limits,
+        shared: SharedLimit | None = None,
+    ) -> None:
+        # (Past TLSMemoryBIOFactory's __init__, which wants a TLS context.)
+        super(TLSMemoryBIOFactory, self).__init__(relay)  # type: ignore[no-untyped-call]
+        self._clock = clock
+        self._limit(limits, shared)
+
+
 # How long session ticket keys live (and so the sessions they resume).
 TICKET_KEY_LIFETIME = 3600.0
 
@@ -184,29 +217,42 @@ class ProxyService(MultiService):
         self.tls = tls
         self.config = config
         self._clock = clock
-        self._rotation = LoopingCall(config.certificates.rotate)
+        self._rotation = LoopingCall(self._rotate)
         self._rotation.clock = clock
+        # What a reload reads again: the certificates, the backend's CAs.
+        self._files: list[Reloadable] = [
+            files
+            for files in (config.certificates, config.backend_tls)
+            if files is not None
+        ]
 
     @override
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._rotation.start(TICKET_KEY_LIFETIME, now=False)
 
+    def _rotate(self) -> None:
+        if self.config.certificates is not None:  # (none with --client)
+            self.config.certificates.rotate()
+
     def reload(self) -> None:
         """
         Read the certificate, key and CA files again, for new connections;
-        a file that is now missing or bad keeps the old ones, with one line
-        in the log.
+        a file that is now missing or bad keeps the old ones (of the server
+        or of the backend), with one line in the log.
         """
-        try:
-            self.config.certificates.reload()
-        except ConfigError as e:
-            _log.error(
-                "{service}: reload failed, the old certificates stay: {error}",
-                service=self.config.service,
-                error=str(e),
-            )
-        else:
+        failed = False
+        for files in self._files:
+            try:
+                files.reload()
+            except ConfigError as e:
+                failed = True
+                _log.error(
+                    "{service}: reload failed, the old certificates stay: {error}",
+                    service=self.config.service,
+                    error=str(e),
+                )
+        if not failed:
             _log.info("{service}: certificates reloaded", service=self.config.service)
 
     @override
@@ -246,7 +292,7 @@ def proxy_service(
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     relay = RelayFactory(
-        connect=clientFromString(reactor, config.connect),
+        connect=backend_endpoint(reactor, config.connect, config.backend_tls),
         clock=clock,
         observe=observe,
         timeouts=config.timeouts,
@@ -254,6 +300,18 @@ def proxy_service(
         header=config.header,
         allow=config.allow,
     )
-    tls = LimitedTLSFactory(config.certificates, relay, clock, config.limits, shared)
+    tls = _client_factory(config, relay, clock, shared)
     listening = strports.service(config.listen, tls, reactor=reactor)
     return ProxyService(listening, tls, clock, config)
+
+
+def _client_factory(
+    config: ProxyConfig,
+    relay: RelayFactory,
+    clock: IReactorTime,
+    shared: SharedLimit | None,
+) -> LimitedTLSFactory:
+    """The factory for the clients' connections: TLS, or plain (C{--client})."""
+    if config.certificates is None:
+        return LimitedPlainFactory(relay, clock, config.limits, shared)
+    return LimitedTLSFactory(config.certificates, relay, clock, config.limits, shared)

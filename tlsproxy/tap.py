@@ -24,7 +24,7 @@ from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
@@ -32,6 +32,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 from typing_extensions import override
 
+from .backend import TLS_PREFIX, BackendTLS, client_from_string, host_of
 from .config import read_services
 from .connlog import ConnectionLog
 from .metrics import Metrics
@@ -118,10 +119,11 @@ class Options(usage.Options):
         ["tls-min", None, "1.2", "The lowest TLS version: 1.2 or 1.3."],
         ["ciphers", None, TLS12_CIPHERS, "TLS 1.2 ciphers (OpenSSL cipher string)."],
         ["client-ca", None, None, "Require client certificates signed by this CA."],
+        ["backend-ca", None, None, "Verify a tls: backend with these PEM CAs."],
     ]
-
     optFlags = [
         ["sni-strict", None, "Refuse an SNI name no certificate serves."],
+        ["client", None, "Accept plain TCP (needs --connect tls:...)."],
     ]
 
     def __init__(self) -> None:
@@ -187,8 +189,8 @@ class Options(usage.Options):
             raise ConfigError("--connect is required (for example tcp:127.0.0.1:80)")
         config = ProxyConfig(
             listen=_endpoint("--listen", self["listen"], serverFromString),
-            connect=_endpoint("--connect", self["connect"], clientFromString),
-            certificates=self._certificates(),
+            connect=_endpoint("--connect", self["connect"], client_from_string),
+            certificates=None if self._client_mode() else self._certificates(),
             timeouts=Timeouts(
                 handshake=_seconds("--handshake-timeout", self["handshake-timeout"]),
                 connect=_seconds("--connect-timeout", self["connect-timeout"]),
@@ -203,6 +205,7 @@ class Options(usage.Options):
                 ),
                 drain=_seconds("--drain-timeout", self["drain-timeout"]),
             ),
+            backend_tls=self._backend_tls(),
         )
         self.observers: list[RecordObserver] = [log_close]
         self.metrics: Metrics | None = None
@@ -214,6 +217,30 @@ class Options(usage.Options):
         if self["connection-log"] is not None:
             self.observers.append(ConnectionLog.open(self["connection-log"]))
         return config
+
+    def _backend_tls(self) -> BackendTLS | None:
+        """TLS toward a C{tls:} backend, verified by C{--backend-ca}'s CAs."""
+        ca = self["backend-ca"]
+        if not self["connect"].startswith(TLS_PREFIX):
+            if ca is not None:
+                raise ConfigError(f"--backend-ca {ca}: needs --connect tls:HOST:PORT")
+            return None
+        return BackendTLS(host_of(self["connect"]), ca)
+
+    def _client_mode(self) -> bool:
+        """Whether C{--client} is given, and without a client-side TLS option."""
+        if not self["client"]:
+            return False
+        if not self["connect"].startswith(TLS_PREFIX):
+            raise ConfigError("--client needs --connect tls:HOST:PORT")
+        if self["listen"].startswith("haproxy:"):
+            raise ConfigError(f"--client: not with --listen {self['listen']}")
+        given = [f"--{o}" for o in _SERVER_TLS if self[o] != self.defaults[o]]
+        given += ["--cert/--key"] if self.cert_paths or self.key_paths else []
+        given += ["--allow-*"] if any(self.allowed.values()) else []
+        if given:
+            raise ConfigError(f"--client: not with {', '.join(given)}")
+        return True
 
     def _header(self) -> HeaderEncoder:
         version = self["proxy-protocol"]
@@ -252,6 +279,8 @@ class Options(usage.Options):
         )
 
 
+# The options of the TLS toward the clients, which --client has not.
+_SERVER_TLS = ("self-signed", "client-ca", "alpn", "tls-min", "ciphers", "sni-strict")
 _TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 
