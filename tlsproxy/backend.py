@@ -14,7 +14,6 @@ C{send-proxy} does with C{ssl}.
 
 from __future__ import annotations
 
-from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
@@ -40,7 +39,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from .tls import ConfigError, openssl_reasons
+from .tls import load_cas, openssl_reasons
 
 TLS_PREFIX = "tls:"
 
@@ -69,15 +68,8 @@ def load_backend_cas(path: str) -> list[Certificate]:
 
     @raise ConfigError: the file cannot be read or holds no certificate.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        found = x509.load_pem_x509_certificates(data)
-    except OSError as e:
-        raise ConfigError(f"--backend-ca {path}: {e.strerror}") from None
-    except ValueError:
-        raise ConfigError(f"--backend-ca {path}: no PEM certificate found") from None
-    return [Certificate(crypto.X509.from_cryptography(c)) for c in found]
+    cas = load_cas("--backend-ca", path)
+    return [Certificate(crypto.X509.from_cryptography(c)) for c in cas]
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -182,17 +182,21 @@ def _require_client_certificates(
 
 
 def load_client_cas(path: str) -> tuple[x509.Certificate, ...]:
+    """The CAs of client certificates: L{load_cas} for C{--client-ca}."""
+    return load_cas("--client-ca", path)
+
+
+def load_cas(option: str, path: str) -> tuple[x509.Certificate, ...]:
     """
-    The certificate authorities in the PEM file C{path}, given by
-    C{--client-ca}.
+    The certificate authorities in the PEM file C{path}, given by C{option}.
 
     @raise ConfigError: the file cannot be read or holds no certificate.
     """
-    data = _read("--client-ca", path)
+    data = _read(option, path)
     try:
         return tuple(x509.load_pem_x509_certificates(data))
     except ValueError:
-        raise ConfigError(f"--client-ca {path}: no PEM certificate found") from None
+        raise ConfigError(f"{option} {path}: no PEM certificate found") from None
 
 
 @attrs.frozen(kw_only=True)
