@@ -8,6 +8,7 @@ from __future__ import annotations
 import unittest
 
 import attrs
+from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -15,7 +16,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from tlsproxy import tap
 from tlsproxy.metrics import Metrics, reason_kind
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.service import Limits
+from tlsproxy.service import LimitedPlainFactory, Limits
 
 from .harness import (
     curl_ok,
@@ -116,6 +117,23 @@ class MetricsTests(SynchronousTestCase):
         )
         self.assertEqual(
             self.sample("tlsproxy_handshake_seconds_count", service="https"), None
+        )
+
+    def test_plain_clients(self) -> None:
+        """Under --client there is no handshake to fail."""
+        relay = Accepting(Limits()).factory.wrappedFactory
+        self.metrics.watch("https", LimitedPlainFactory(relay, Clock(), Limits()))
+        self.metrics.observe(FAILED)
+        self.assertIsNone(
+            self.sample(
+                "tlsproxy_handshake_failures_total", service="https", reason="TLS error"
+            )
+        )
+        self.assertEqual(
+            self.sample(
+                "tlsproxy_connections_closed_total", service="https", reason="TLS error"
+            ),
+            1,
         )
 
     def test_live_counts(self) -> None:

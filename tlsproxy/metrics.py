@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .record import ConnectionRecord
-from .service import LimitedTLSFactory
+from .service import LimitedPlainFactory, LimitedTLSFactory
 
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -39,6 +39,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._services: dict[str, LimitedTLSFactory] = {}
+        self._plain: set[str] = set()  # services of plain TCP clients
         self.registry.register(_Counts(self._services))
         self._closed = Counter(
             "tlsproxy_connections_closed",
@@ -76,6 +77,8 @@ class Metrics:
     def watch(self, service: str, tls: LimitedTLSFactory) -> None:
         """Report C{service}'s live, accepted and refused connections."""
         self._services[service] = tls
+        if isinstance(tls, LimitedPlainFactory):  # (--client: no handshake)
+            self._plain.add(service)
 
     def observe(self, record: ConnectionRecord) -> None:
         """Count a connection record."""
@@ -87,10 +90,10 @@ class Metrics:
         self._closed.labels(service, kind).inc()
         self._bytes.labels(service, "from_client").inc(record.bytes_from_client)
         self._bytes.labels(service, "to_client").inc(record.bytes_to_client)
-        if record.handshake_time is None:
-            self._handshake_failures.labels(service, kind).inc()
-        else:
+        if record.handshake_time is not None:
             self._handshake.labels(service).observe(record.handshake_time)
+        elif service not in self._plain:
+            self._handshake_failures.labels(service, kind).inc()
 
     def page(self) -> Resource:
         """The HTTP resource that serves the metrics (any path)."""
