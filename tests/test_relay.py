@@ -216,6 +216,22 @@ class CloseTests(SynchronousTestCase):
         self.assertFalse(pair.backend_io.aborted)
         self.assertEqual(pair.records[-1].reason, "client closed")
 
+    def test_reset_after_close_notify(self) -> None:
+        """
+        A client whose close_notify came has closed cleanly, even if its TCP
+        connection then ends in a reset (curl's does, when a close_notify
+        reaches it after it closed): the backend gets every byte and a FIN.
+        """
+        pair = self.connected()
+        pair.client_tls.write(b"all of it")
+        pair.client_tls.loseConnection()
+        pair.pump.pump()  # its close_notify reaches the proxy
+        pair.client_tls.transport.abortConnection()
+        pair.flush()
+        self.assertEqual(pair.backend.data, b"all of it")
+        self.assertFalse(pair.backend_io.aborted)
+        self.assertEqual(pair.records[-1].reason, "client closed")
+
     def test_client_abort_aborts_backend(self) -> None:
         """A client connection lost without close_notify aborts the backend."""
         pair = self.connected()

@@ -218,15 +218,11 @@ def _in_clear(transport: ITransport) -> ITransport:
     return transport
 
 
-def _asked(transport: object) -> tuple[str | None, str | None]:
-    """
-    The server name a TLS client asked for, and the TLS layer's own reason
-    for refusing it (such as an SNI name), if any; none for plain TCP.
-    """
+def _server_tls(transport: object) -> ServerConnection | None:
+    """The TLS connection of a client, if it speaks TLS (not under --client)."""
     if not isinstance(transport, TLSMemoryBIOProtocol):
-        return None, None
-    tls = typing.cast(ServerConnection, transport.getHandle())
-    return _text(tls.get_servername()), tls.refusal
+        return None
+    return typing.cast(ServerConnection, transport.getHandle())
 
 
 def _text(value: bytes | None) -> str | None:
@@ -450,9 +446,15 @@ class ClientSide(Protocol):
         if self._deadline.active():
             self._deadline.cancel()
         self._note_peer()  # a PROXY header may have come without a handshake
-        # The name asked for, also when the handshake failed (for the log).
-        sni, refusal = _asked(self.transport)
-        self._record = attrs.evolve(self._record, sni=sni)
+        refusal = None
+        tls = _server_tls(self.transport)
+        if tls is not None:
+            # The name asked for, also when the handshake failed (for the log).
+            self._record = attrs.evolve(self._record, sni=_text(tls.get_servername()))
+            refusal = tls.refusal  # (TLS's own reason, such as an SNI name)
+            if tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
+                # Its close_notify came: a reset after it loses nothing.
+                reason = Failure(ConnectionDone())
         self._note(
             "no valid PROXY header"
             if _without_proxy_header(self.transport)

@@ -25,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
 
 from .backend import BackendTLS, backend_endpoint
+from .eager import AtOnce
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
@@ -291,8 +292,9 @@ def proxy_service(
     @raise ValueError: an endpoint string is not understood.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
+    at_once = AtOnce(reactor)  # (for TCP endpoints: see tlsproxy.eager)
     relay = RelayFactory(
-        connect=backend_endpoint(reactor, config.connect, config.backend_tls),
+        connect=backend_endpoint(at_once, config.connect, config.backend_tls),
         clock=clock,
         observe=observe,
         timeouts=config.timeouts,
@@ -301,7 +303,9 @@ def proxy_service(
         allow=config.allow,
     )
     tls = _client_factory(config, relay, clock, shared)
-    listening = strports.service(config.listen, tls, reactor=reactor)
+    listening = strports.service(
+        config.listen, tls, reactor=typing.cast(IReactorCore, at_once)
+    )
     return ProxyService(listening, tls, clock, config)
 
 
