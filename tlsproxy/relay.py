@@ -283,12 +283,12 @@ class ClientSide(Protocol):
     def connectionMade(self) -> None:
         relay = self._relay
         _no_delay(self.transport)
-        self._record = ConnectionRecord(
-            event="open",
-            id=uuid.uuid4().hex,
-            service=relay.service,
-            opened=relay.clock.seconds(),
-        )
+        # The record's fields so far (a record is made when one is published).
+        self._facts: dict[str, typing.Any] = {
+            "id": uuid.uuid4().hex,
+            "service": relay.service,
+            "opened": relay.clock.seconds(),
+        }
         self._note_addresses()
         # One timer for the whole connection: its period and reason change
         # from handshake to connect to idle.
@@ -307,9 +307,7 @@ class ClientSide(Protocol):
         header, which has certainly arrived once the handshake is done.
         """
         listen_host, listen_port = host_port(self.transport.getHost())
-        self._record = attrs.evolve(
-            self._record, listen_host=listen_host, listen_port=listen_port
-        )
+        self._facts.update(listen_host=listen_host, listen_port=listen_port)
         self._note_peer()
 
     def _note_peer(self) -> None:
@@ -323,8 +321,7 @@ class ClientSide(Protocol):
         balancer: tuple[str | None, int | None] = (None, None)
         if isinstance(below, HAProxyProtocolWrapper):
             balancer = host_port(below.transport.getPeer())
-        self._record = attrs.evolve(
-            self._record,
+        self._facts.update(
             client_host=client_host,
             client_port=client_port,
             balancer_host=balancer[0],
@@ -345,9 +342,8 @@ class ClientSide(Protocol):
         tls = self.transport.getHandle()
         certificate = tls.get_peer_certificate(as_cryptography=True)
         subject, cn = subject_and_cn(certificate)
-        self._record = attrs.evolve(
-            self._record,
-            handshake_time=handshake_done - self._record.opened,
+        self._facts.update(
+            handshake_time=handshake_done - self._facts["opened"],
             tls_version=tls.get_protocol_version_name(),
             cipher=tls.get_cipher_name(),
             sni=_text(tls.get_servername()),
@@ -366,7 +362,7 @@ class ClientSide(Protocol):
         self._connect_started = self._relay.clock.seconds()
         self.transport.pauseProducing()
         self._arm(self._relay.timeouts.connect, "backend connect timeout")
-        header = self._relay.header(self._record)
+        header = self._relay.header(self._counted(event="open"))
         attempt = self._relay.connect.connect(_BackendFactory(self, header))
         pending = _Connecting(attempt)
         self._backend = pending
@@ -383,8 +379,7 @@ class ClientSide(Protocol):
         _no_delay(transport)
         local_host, local_port = host_port(transport.getHost())
         backend_host, backend_port = host_port(transport.getPeer())
-        self._record = attrs.evolve(
-            self._record,
+        self._facts.update(
             connect_time=self._relay.clock.seconds() - self._connect_started,
             backend_local_host=local_host,
             backend_local_port=local_port,
@@ -450,7 +445,7 @@ class ClientSide(Protocol):
         tls = _server_tls(self.transport)
         if tls is not None:
             # The name asked for, also when the handshake failed (for the log).
-            self._record = attrs.evolve(self._record, sni=_text(tls.get_servername()))
+            self._facts["sni"] = _text(tls.get_servername())
             refusal = tls.refusal  # (TLS's own reason, such as an SNI name)
             if tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
                 # Its close_notify came: a reset after it loses nothing.
@@ -489,14 +484,15 @@ class ClientSide(Protocol):
                 self._counted(
                     event="close",
                     closed=closed,
-                    duration=closed - self._record.opened,
+                    duration=closed - self._facts["opened"],
                     reason=self._reason,
                 )
             )
 
     def _counted(self, **changes: typing.Any) -> ConnectionRecord:
-        return attrs.evolve(
-            self._record,
+        """The record of the connection as it is now, with C{changes}."""
+        return ConnectionRecord(
+            **self._facts,
             bytes_from_client=self._from_client,
             bytes_to_client=self._to_client,
             **changes,
