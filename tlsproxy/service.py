@@ -9,6 +9,7 @@ This is the public way to embed tlsproxy in another Twisted application
 from __future__ import annotations
 
 import math
+import re
 import typing
 from collections import Counter
 
@@ -16,9 +17,17 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocol, IReactorCore, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocol,
+    IReactorCore,
+    IReactorTCP2,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -55,7 +64,11 @@ class ProxyConfig:
     endpoint string), after C{header} (a PROXY protocol header encoder from
     L{tlsproxy.proxyheader}, or none).  A C{tls:HOST:PORT} C{connect} needs
     C{backend_tls}, and then C{certificates} may be C{None}: plain TCP is
-    accepted (C{--client}).
+    accepted (C{--client}).  With C{reuse_port} a C{tcp:} or C{tcp6:}
+    C{listen} (or C{haproxy:} over one) is bound with C{SO_REUSEPORT}, so
+    that several processes share its port.
+
+    @raise ConfigError: C{reuse_port} with another kind of C{listen}.
     """
 
     listen: str
@@ -67,6 +80,39 @@ class ProxyConfig:
     limits: Limits = attrs.field(factory=Limits)
     allow: AllowList = ANY_CERTIFICATE
     backend_tls: BackendTLS | None = None
+    reuse_port: bool = attrs.field(default=False)
+
+    @reuse_port.validator
+    def _tcp_only(self, attribute: object, reuse: bool) -> None:
+        if reuse and not _TCP.match(self.listen):
+            raise ConfigError(
+                f"--reuse-port: not with --listen {self.listen}"
+                " (only tcp:, tcp6: and haproxy: over them)"
+            )
+
+
+# The endpoints that a port number is bound for, by listenTCP.
+_TCP = re.compile("(haproxy:)?tcp6?:", re.IGNORECASE)
+
+
+class _ReusePort:
+    """
+    A reactor for C{tcp:} and C{tcp6:} server endpoints (which call only
+    C{listenTCP}): C{reactor}, but binding with C{SO_REUSEPORT} beside
+    Twisted's C{SO_REUSEADDR}.  On Linux the processes that share a port
+    must all set it and have the same effective uid when they bind (root,
+    under twistd); the kernel spreads new connections among them by a hash
+    of the addresses and ports.
+    """
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        self._reactor = typing.cast(IReactorTCP2, reactor)  # (26.10: takes a binding)
+
+    def listenTCP(
+        self, port: int, factory: ServerFactory, backlog: int, interface: str
+    ) -> IListeningPort:
+        binding = makeBinding(interface, port, reuseAddress=True, reusePort=True)
+        return self._reactor.listenTCP(binding, factory, backlog, interface)
 
 
 class Reloadable(typing.Protocol):
@@ -301,7 +347,10 @@ def proxy_service(
         allow=config.allow,
     )
     tls = _client_factory(config, relay, clock, shared)
-    listening = strports.service(config.listen, tls, reactor=reactor)
+    listener = _ReusePort(reactor) if config.reuse_port else reactor
+    listening = strports.service(
+        config.listen, tls, reactor=typing.cast(IReactorCore, listener)
+    )
     return ProxyService(listening, tls, clock, config)
 
 

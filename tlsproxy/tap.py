@@ -124,6 +124,7 @@ class Options(usage.Options):
     optFlags = [
         ["sni-strict", None, "Refuse an SNI name no certificate serves."],
         ["client", None, "Accept plain TCP (needs --connect tls:...)."],
+        ["reuse-port", None, "Share the --listen port with other processes."],
     ]
 
     def __init__(self) -> None:
@@ -206,6 +207,7 @@ class Options(usage.Options):
                 drain=_seconds("--drain-timeout", self["drain-timeout"]),
             ),
             backend_tls=self._backend_tls(),
+            reuse_port=bool(self["reuse-port"]),
         )
         self.observers: list[RecordObserver] = [log_close]
         self.metrics: Metrics | None = None
