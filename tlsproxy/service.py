@@ -17,6 +17,7 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
@@ -27,7 +28,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.tcp import makeBinding
+from twisted.internet.tcp import Port, makeBinding
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -37,6 +38,7 @@ from .backend import BackendTLS, backend_endpoint
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
+from .steer import steer
 from .tls import ANY_CERTIFICATE, AllowList, Certificates, ConfigError, ServerTLS
 
 _log = Logger(namespace="tlsproxy")
@@ -66,9 +68,12 @@ class ProxyConfig:
     C{backend_tls}, and then C{certificates} may be C{None}: plain TCP is
     accepted (C{--client}).  With C{reuse_port} a C{tcp:} or C{tcp6:}
     C{listen} (or C{haproxy:} over one) is bound with C{SO_REUSEPORT}, so
-    that several processes share its port.
+    that several processes share its port; with C{steer_clients} too (not
+    behind C{haproxy:}), each client address goes to one of that many
+    processes (L{tlsproxy.steer}).
 
-    @raise ConfigError: C{reuse_port} with another kind of C{listen}.
+    @raise ConfigError: C{reuse_port} with another kind of C{listen}, or
+        C{steer_clients} without C{reuse_port} or behind C{haproxy:}.
     """
 
     listen: str
@@ -81,6 +86,7 @@ class ProxyConfig:
     allow: AllowList = ANY_CERTIFICATE
     backend_tls: BackendTLS | None = None
     reuse_port: bool = attrs.field(default=False)
+    steer_clients: int = attrs.field(default=0)
 
     @reuse_port.validator
     def _tcp_only(self, attribute: object, reuse: bool) -> None:
@@ -88,6 +94,15 @@ class ProxyConfig:
             raise ConfigError(
                 f"--reuse-port: not with --listen {self.listen}"
                 " (only tcp:, tcp6: and haproxy: over them)"
+            )
+
+    @steer_clients.validator
+    def _steered(self, attribute: object, processes: int) -> None:
+        balanced = self.listen.lower().startswith("haproxy:")
+        if processes and (balanced or not self.reuse_port):
+            raise ConfigError(
+                f"--steer-clients {processes}: needs --reuse-port, and not"
+                " --listen haproxy:... (every client would be the balancer)"
             )
 
 
@@ -102,17 +117,25 @@ class _ReusePort:
     Twisted's C{SO_REUSEADDR}.  On Linux the processes that share a port
     must all set it and have the same effective uid when they bind (root,
     under twistd); the kernel spreads new connections among them by a hash
-    of the addresses and ports.
+    of the addresses and ports, or with C{steer_clients} by the program of
+    L{tlsproxy.steer}.
     """
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(self, reactor: IReactorCore, steer_clients: int) -> None:
         self._reactor = typing.cast(IReactorTCP2, reactor)  # (26.10: takes a binding)
+        self._steer_clients = steer_clients
 
     def listenTCP(
         self, port: int, factory: ServerFactory, backlog: int, interface: str
     ) -> IListeningPort:
         binding = makeBinding(interface, port, reuseAddress=True, reusePort=True)
-        return self._reactor.listenTCP(binding, factory, backlog, interface)
+        listening = self._reactor.listenTCP(binding, factory, backlog, interface)
+        if self._steer_clients:
+            try:
+                steer(typing.cast(Port, listening).socket, self._steer_clients)
+            except OSError as e:
+                raise CannotListenError(interface, port, e) from None
+        return listening
 
 
 class Reloadable(typing.Protocol):
@@ -347,7 +370,8 @@ def proxy_service(
         allow=config.allow,
     )
     tls = _client_factory(config, relay, clock, shared)
-    listener = _ReusePort(reactor) if config.reuse_port else reactor
+    reuse = config.reuse_port
+    listener = _ReusePort(reactor, config.steer_clients) if reuse else reactor
     listening = strports.service(
         config.listen, tls, reactor=typing.cast(IReactorCore, listener)
     )
