@@ -58,6 +58,10 @@ class Limits:
     drain: float = 10.0
 
 
+# The endpoints that a port number is bound for, by listenTCP.
+_TCP = re.compile("(haproxy:)?tcp6?:", re.IGNORECASE)
+
+
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """
@@ -104,10 +108,6 @@ class ProxyConfig:
                 f"--steer-clients {processes}: needs --reuse-port, and not"
                 " --listen haproxy:... (every client would be the balancer)"
             )
-
-
-# The endpoints that a port number is bound for, by listenTCP.
-_TCP = re.compile("(haproxy:)?tcp6?:", re.IGNORECASE)
 
 
 class _ReusePort:
