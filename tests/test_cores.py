@@ -1,6 +1,6 @@
 """
 --reuse-port: several processes share one listening port (SO_REUSEPORT),
-one per core.
+one per core; --steer-clients N: each client address to one of them.
 """
 
 from __future__ import annotations
