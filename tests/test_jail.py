@@ -307,12 +307,13 @@ class JailedProxy:
 # --- clients ----------------------------------------------------------------
 
 
-def get_hello(proxy: JailedProxy, certs: Certificates) -> bytes:
+def get_hello(proxy: JailedProxy, certs: Certificates, *args: str) -> bytes:
     """
-    Fetch C{/} through the proxy with curl (ALPN on), verifying the proxy as
-    localhost against the CA; return the body.
+    Fetch C{/} through the proxy with curl (ALPN on; and C{args}), verifying
+    the proxy as localhost against the CA; return the body.
     """
     return curl_ok(
+        *args,
         "--cacert",
         str(certs.ca),
         "--resolve",
@@ -376,14 +377,16 @@ class JailTests(TestCase):
         self.backend = start_http_backend(self)
         self.jail = make_jail(self)
 
-    def start(self, *extra: str, daemon: bool = True) -> JailedProxy:
+    def start(
+        self, *extra: str, daemon: bool = True, jail: Path | None = None
+    ) -> JailedProxy:
         """
-        Start the jailed proxy before the backend; the test stops it (and
-        checks its exit) when it ends.
+        Start the jailed proxy (in C{jail}, else the test's) before the
+        backend; the test stops it (and checks its exit) when it ends.
         """
         proxy = JailedProxy(
             temp_dir(self),
-            self.jail,
+            jail or self.jail,
             [
                 "--listen",
                 f"tcp:0:interface={HOST}",
@@ -581,6 +584,36 @@ class JailTests(TestCase):
         log = proxy.log_text()
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
+
+    def test_two_share_a_port(self) -> None:
+        """
+        Two daemons, each in its own jail, share one port with --reuse-port
+        (bound as root before the uid changes); with --steer-clients 2 the
+        clients of 127.0.0.1 reach the second, those of 127.0.0.2 the first.
+        """
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            port = probe.getsockname()[1]
+        args = [
+            "--listen",
+            f"tcp:{port}:interface={HOST}",
+            "--reuse-port",
+            "--steer-clients",
+            "2",
+        ]
+        proxies = [self.start(*args, jail=make_jail(self)) for _ in range(2)]
+        for source in (HOST, "127.0.0.2"):
+            for _ in range(3):
+                self.assertEqual(
+                    get_hello(proxies[0], self.certs, "--interface", source), HELLO
+                )
+        proxies[1].wait_for_closes(3)
+        proxies[0].wait_for_closes(3)
+        for proxy, source in zip(proxies, ("127.0.0.2", HOST), strict=True):
+            self.assertEqual(len(proxy.close_lines()), 3)
+            for line in proxy.close_lines():
+                self.assertIn(f" from {source}:", line)
+            self.assert_alive(proxy)
 
     def test_reload_inside_jail(self) -> None:
         """

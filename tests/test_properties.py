@@ -224,6 +224,10 @@ BACKEND_CAS = choices(
     tagged(["\0/cert.pem", "\0/both.pem"], True),
     tagged(["\0/key.pem", "\0/garbage.pem", "\0/missing.pem", "\0"], False),
 )
+PROCESSES = choices(
+    tagged(st.integers(1, 9999).map(str) | st.just("0002"), True),
+    tagged(["0", "10000", "-1", "1.5", "", " 2", "+2", "\u00b2"], False),
+)
 CONNECTION_LOGS = choices(
     tagged(["\0/connections.log"], True),
     tagged(["\0", "\0/missing/connections.log", "\0/cert.pem/connections.log"], False),
@@ -254,6 +258,7 @@ OPTIONS: dict[str, Values] = {
     "ciphers": CIPHERS,
     "client-ca": CLIENT_CAS,
     "backend-ca": BACKEND_CAS,
+    "steer-clients": PROCESSES,
 }
 COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
 # Options given more than once are all used (not only the last).
@@ -263,6 +268,8 @@ DEFAULTS: dict[str, str | None] = {
 }
 # --client, a flag: plain TCP from the clients, TLS toward a tls: backend.
 CLIENT = Item("client", ["--client"], "", True)
+# --reuse-port, a flag: only with a --listen that is bound as TCP.
+REUSE_PORT = Item("reuse-port", ["--reuse-port"], "", True)
 # What --client may not have: the options of TLS toward the clients.
 # (And --cert and --key, which are repeatable.)
 SERVER_TLS = ["self-signed", "client-ca", "alpn", "tls-min", "ciphers"]
@@ -298,6 +305,7 @@ def command_lines(draw: st.DrawFn) -> list[Item]:
     items += draw(st.lists(option_items(), max_size=4))
     items += draw(st.lists(st.sampled_from(NOISE), max_size=1))
     items += [CLIENT] if draw(st.integers(0, 4)) == 0 else []
+    items += [REUSE_PORT] if draw(st.integers(0, 4)) == 0 else []
     items = list(draw(st.permutations(items)))
     if draw(st.integers(0, 19)) == 0:
         name = draw(st.sampled_from(sorted(OPTIONS)))
@@ -352,12 +360,19 @@ def expected(items: list[Item]) -> tuple[Validity, dict[str, str]]:
     validities += [
         valid
         for name, (_, valid) in given.items()
-        if name not in REPEATABLE | {"client"}
+        if name not in REPEATABLE | {"client", "reuse-port"}
     ]
     validities.append("connect" in given)
     tls = given.get("connect", ("",))[0].startswith("tls:")
     if "backend-ca" in given:
         validities.append(tls)
+    if "reuse-port" in given:
+        listen = given.get("listen", ("tcp:443",))[0]
+        validities.append(bool(re.match("(haproxy:)?tcp6?:", listen, re.IGNORECASE)))
+    if "steer-clients" in given:
+        listen = given.get("listen", ("tcp:443",))[0]
+        balanced = listen.lower().startswith("haproxy:")
+        validities.append("reuse-port" in given and not balanced)
     if "client" in given:
         listen = given.get("listen", ("",))[0]
         validities.append(tls and not listen.startswith("haproxy:"))
@@ -467,6 +482,8 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(config.listen, value("listen"))
         self.assertEqual(config.connect, value("connect"))
         self.assertEqual(config.certificates is None, "client" in values)
+        self.assertEqual(config.reuse_port, "reuse-port" in values)
+        self.assertEqual(config.steer_clients, int(values.get("steer-clients", 0)))
         self.assertEqual(config.backend_tls is not None, value("connect")[:4] == "tls:")
         durations = {
             "handshake-timeout": config.timeouts.handshake,

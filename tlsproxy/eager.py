@@ -107,10 +107,6 @@ class _Client(_SendSoon, tcp.Client):
     pass
 
 
-class _Port(tcp.Port):
-    transport = _Server
-
-
 class _Connector(tcp.Connector):
     def _makeTransport(self) -> _Client:
         return _Client(  # type: ignore[no-untyped-call]
@@ -135,9 +131,9 @@ class AtOnce:
     def listenTCP(
         self, port: int, factory: ServerFactory, backlog: int = 50, interface: str = ""
     ) -> IListeningPort:
-        listening = _Port(port, factory, backlog, interface, self._reactor)
-        listening.startListening()
-        return listening
+        listening = self._reactor.listenTCP(port, factory, backlog, interface)
+        listening.transport = _Server  # (the class a port makes at each accept)
+        return listening  # type: ignore[no-any-return]
 
     def connectTCP(
         self,

@@ -9,6 +9,7 @@ This is the public way to embed tlsproxy in another Twisted application
 from __future__ import annotations
 
 import math
+import re
 import typing
 from collections import Counter
 
@@ -16,9 +17,18 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocol, IReactorCore, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocol,
+    IReactorCore,
+    IReactorTCP2,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.tcp import Port, makeBinding
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -29,6 +39,7 @@ from .eager import AtOnce
 from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
+from .steer import steer
 from .tls import ANY_CERTIFICATE, AllowList, Certificates, ConfigError, ServerTLS
 
 _log = Logger(namespace="tlsproxy")
@@ -48,6 +59,10 @@ class Limits:
     drain: float = 10.0
 
 
+# The endpoints that a port number is bound for, by listenTCP.
+_TCP = re.compile("(haproxy:)?tcp6?:", re.IGNORECASE)
+
+
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """
@@ -56,7 +71,14 @@ class ProxyConfig:
     endpoint string), after C{header} (a PROXY protocol header encoder from
     L{tlsproxy.proxyheader}, or none).  A C{tls:HOST:PORT} C{connect} needs
     C{backend_tls}, and then C{certificates} may be C{None}: plain TCP is
-    accepted (C{--client}).
+    accepted (C{--client}).  With C{reuse_port} a C{tcp:} or C{tcp6:}
+    C{listen} (or C{haproxy:} over one) is bound with C{SO_REUSEPORT}, so
+    that several processes share its port; with C{steer_clients} too (not
+    behind C{haproxy:}), each client address goes to one of that many
+    processes (L{tlsproxy.steer}).
+
+    @raise ConfigError: C{reuse_port} with another kind of C{listen}, or
+        C{steer_clients} without C{reuse_port} or behind C{haproxy:}.
     """
 
     listen: str
@@ -68,6 +90,53 @@ class ProxyConfig:
     limits: Limits = attrs.field(factory=Limits)
     allow: AllowList = ANY_CERTIFICATE
     backend_tls: BackendTLS | None = None
+    reuse_port: bool = attrs.field(default=False)
+    steer_clients: int = attrs.field(default=0)
+
+    @reuse_port.validator
+    def _tcp_only(self, attribute: object, reuse: bool) -> None:
+        if reuse and not _TCP.match(self.listen):
+            raise ConfigError(
+                f"--reuse-port: not with --listen {self.listen}"
+                " (only tcp:, tcp6: and haproxy: over them)"
+            )
+
+    @steer_clients.validator
+    def _steered(self, attribute: object, processes: int) -> None:
+        balanced = self.listen.lower().startswith("haproxy:")
+        if processes and (balanced or not self.reuse_port):
+            raise ConfigError(
+                f"--steer-clients {processes}: needs --reuse-port, and not"
+                " --listen haproxy:... (every client would be the balancer)"
+            )
+
+
+class _ReusePort:
+    """
+    A reactor for C{tcp:} and C{tcp6:} server endpoints (which call only
+    C{listenTCP}): C{reactor}, but binding with C{SO_REUSEPORT} beside
+    Twisted's C{SO_REUSEADDR}.  On Linux the processes that share a port
+    must all set it and have the same effective uid when they bind (root,
+    under twistd); the kernel spreads new connections among them by a hash
+    of the addresses and ports, or with C{steer_clients} by the program of
+    L{tlsproxy.steer}.
+    """
+
+    def __init__(self, reactor: typing.Any, steer_clients: int) -> None:
+        self._reactor = typing.cast(IReactorTCP2, reactor)  # (26.10: takes a binding)
+        self._steer_clients = steer_clients
+
+    def listenTCP(
+        self, port: int, factory: ServerFactory, backlog: int, interface: str
+    ) -> IListeningPort:
+        binding = makeBinding(interface, port, reuseAddress=True, reusePort=True)
+        listening = self._reactor.listenTCP(binding, factory, backlog, interface)
+        if self._steer_clients:
+            try:
+                steer(typing.cast(Port, listening).socket, self._steer_clients)
+            except OSError as e:
+                raise CannotListenError(interface, port, e) from None
+        return listening
 
 
 class Reloadable(typing.Protocol):
@@ -303,8 +372,10 @@ def proxy_service(
         allow=config.allow,
     )
     tls = _client_factory(config, relay, clock, shared)
+    reuse = config.reuse_port
+    listener = _ReusePort(at_once, config.steer_clients) if reuse else at_once
     listening = strports.service(
-        config.listen, tls, reactor=typing.cast(IReactorCore, at_once)
+        config.listen, tls, reactor=typing.cast(IReactorCore, listener)
     )
     return ProxyService(listening, tls, clock, config)
 

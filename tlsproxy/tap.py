@@ -81,6 +81,15 @@ def _count(option: str, text: str | None) -> float:
     return int(text)
 
 
+def _processes(text: str | None) -> int:
+    """C{--steer-clients}: 1 to 9999 processes, or 0 when not given."""
+    if text is None:
+        return 0
+    if not re.fullmatch("0*[1-9][0-9]{0,3}", text):
+        raise ConfigError(f"--steer-clients {text}: must be from 1 to 9999")
+    return int(text)
+
+
 def _endpoint(option: str, text: str, parse: Callable[[object, str], object]) -> str:
     from twisted.internet import reactor
 
@@ -120,10 +129,12 @@ class Options(usage.Options):
         ["ciphers", None, TLS12_CIPHERS, "TLS 1.2 ciphers (OpenSSL cipher string)."],
         ["client-ca", None, None, "Require client certificates signed by this CA."],
         ["backend-ca", None, None, "Verify a tls: backend with these PEM CAs."],
+        ["steer-clients", None, None, "With --reuse-port: N processes, by client."],
     ]
     optFlags = [
         ["sni-strict", None, "Refuse an SNI name no certificate serves."],
         ["client", None, "Accept plain TCP (needs --connect tls:...)."],
+        ["reuse-port", None, "Share the --listen port with other processes."],
     ]
 
     def __init__(self) -> None:
@@ -206,6 +217,8 @@ class Options(usage.Options):
                 drain=_seconds("--drain-timeout", self["drain-timeout"]),
             ),
             backend_tls=self._backend_tls(),
+            reuse_port=bool(self["reuse-port"]),
+            steer_clients=_processes(self["steer-clients"]),
         )
         self.observers: list[RecordObserver] = [log_close]
         self.metrics: Metrics | None = None
