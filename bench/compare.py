@@ -109,11 +109,13 @@ def hitch(s: Setup) -> list[str]:
     """hitch, one worker per core run (else one per CPU), no log per connection."""
     conf = s.tmp / "hitch.conf"
     workers = 1 if s.per_core else os.cpu_count()
+    root = os.geteuid() == 0  # hitch's workers refuse to run as root
+    as_nobody = 'user = "nobody"\ngroup = "nogroup"\n' if root else ""
     conf.write_text(
         f'frontend = "[{HOST}]:{s.port}"\nbackend = "[{HOST}]:{s.backend}"\n'
         f'pem-file = "{s.pem}"\nworkers = {workers}\nbacklog = 1024\n'
         "daemon = off\ntls-protos = TLSv1.2 TLSv1.3\nsyslog = off\n"
-        'user = "nobody"\ngroup = "nogroup"\n'  # its workers refuse to run as root
+        f"{as_nobody}"
         f'ocsp-dir = "{s.tmp}"\n'
     )
     return [_binary("hitch"), f"--config={conf}"]
