@@ -529,7 +529,8 @@ def bench_proxy(
     def note(prefix: str, values: dict[str, float]) -> None:
         figures.update({f"{prefix}_{k}": v for k, v in values.items()})
         shown = ", ".join(f"{k} {v:,.1f}" for k, v in values.items())
-        print(f"  {proxy.name:<9} {prefix:<10} {shown}", flush=True)
+        clock = time.strftime("%H:%M:%S")
+        print(f"  {clock} {proxy.name:<9} {prefix:<10} {shown}", flush=True)
 
     with serving(proxy, s := setup("ecdsa", "files")) as pid:
         note("idle", idle(pid, s.port, s.backend, plan))
@@ -616,18 +617,22 @@ def medians(runs: list[dict[str, float]], plan: Plan) -> dict[str, float]:
     return result
 
 
-def table(results: dict[str, dict[str, float]], columns: tuple[Column, ...]) -> str:
-    """Markdown: a row per proxy, each figure followed by its ratio to stunnel."""
-    base = results.get("stunnel", {})
+def table(
+    results: dict[str, dict[str, float]], columns: tuple[Column, ...], ratios: bool
+) -> str:
+    """Markdown: a row per proxy, each figure (and its ratio to stunnel's)."""
+    base = results.get("stunnel", {}) if ratios else {}
     head = ["proxy"]
     for c in columns:
-        head += [c.title, "x stunnel"]
+        head += [c.title, "x stunnel"] if ratios else [c.title]
     lines = [head]
     for name, figures in results.items():
         cells = [name]
         for c in columns:
             value = figures.get(c.key)
             cells.append("-" if value is None else f"{value:,.{c.digits}f}")
+            if not ratios:
+                continue
             ratio = (
                 value / base[c.key] if value is not None and base.get(c.key) else None
             )
@@ -669,7 +674,8 @@ def chart(results: dict[str, dict[str, float]], path: Path, title: str) -> None:
               for c in HEADLINE]  # fmt: skip
     ax.set_xticks(range(len(HEADLINE)), labels, fontsize=8)
     ax.set_ylabel("ratio to stunnel")
-    ax.set_title(textwrap.fill(title, 150), fontsize=8)
+    wrapped = [textwrap.fill(line, 150) for line in title.splitlines()]
+    ax.set_title("\n".join(wrapped), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -842,8 +848,11 @@ def main() -> None:
     idle = ", ".join(map(str, plan.idle))
     print(f"\n{about}\n{mode}; medians of {plan.runs} run(s); "
           f"{plan.bulk // MIB} MiB each way; idle connections: {idle}\n")  # fmt: skip
-    print(table(results, HEADLINE), "\n")
-    print(table(results, DETAIL), "\n")
+    print("Per second of the proxy's CPU, with the ratio to stunnel's:")
+    print(table(results, HEADLINE, True), "\n")
+    print("Details: rates per wall second; cpu % is the proxy's CPU use (under 100:")
+    print("the load generators were the bottleneck); us/HS and ms/MiB of its CPU:")
+    print(table(results, DETAIL, False), "\n")
     print(ceiling_line(limits))
     if args.chart:
         chart(results, args.chart, f"{mode}\n{about}")
