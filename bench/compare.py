@@ -587,8 +587,8 @@ HEADLINE = (
     Column("resumed_per_cpu", "resumed HS 1.2 /cpu-s"),
     Column("keepalive_per_cpu", "1 KiB req /cpu-s"),
     Column("keepalive_p99", "p99 ms", 2, True),
-    Column("down_mbs", "download MB/s"),
-    Column("up_mbs", "upload MB/s"),
+    Column("down_per_cpu", "download MB/cpu-s"),
+    Column("up_per_cpu", "upload MB/cpu-s"),
     Column("idle_kb_last", "KB/idle conn", 1, True),
 )
 DETAIL = (
@@ -602,8 +602,10 @@ DETAIL = (
     Column("keepalive_rate", "req/s"),
     Column("keepalive_busy", "cpu %"),
     Column("keepalive_p50", "p50 ms", 2, True),
-    Column("down_cpu_ms_mib", "down cpu ms/MiB", 2, True),
-    Column("up_cpu_ms_mib", "up cpu ms/MiB", 2, True),
+    Column("down_mbs", "down MB/s"),
+    Column("down_busy", "cpu %"),
+    Column("up_mbs", "up MB/s"),
+    Column("up_busy", "cpu %"),
     Column("idle_rss0_mib", "RSS 0 MiB", 1, True),
     Column("idle_kb_first", "KB/conn 1st N", 1, True),
 )
@@ -848,10 +850,10 @@ def main() -> None:
     idle = ", ".join(map(str, plan.idle))
     print(f"\n{about}\n{mode}; medians of {plan.runs} run(s); "
           f"{plan.bulk // MIB} MiB each way; idle connections: {idle}\n")  # fmt: skip
-    print("Per second of the proxy's CPU, with the ratio to stunnel's:")
+    print("Rates per second of the proxy's CPU (/cpu-s), ratios to stunnel's:")
     print(table(results, HEADLINE, True), "\n")
     print("Details: rates per wall second; cpu % is the proxy's CPU use (under 100:")
-    print("the load generators were the bottleneck); us/HS and ms/MiB of its CPU:")
+    print("the load generators were the bottleneck); us/HS: its CPU per handshake:")
     print(table(results, DETAIL, False), "\n")
     print(ceiling_line(limits))
     if args.chart:
