@@ -18,10 +18,11 @@ from twisted.internet.protocol import (
     ServerFactory,
     connectionDone,
 )
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from tlsproxy.eager import AtOnce
+from tlsproxy.eager import AtOnce, _Sender
 
 from .harness import HOST
 
@@ -135,6 +136,34 @@ class AtOnceTests(TestCase):
         server.transport.connectionLost(Failure(ConnectionDone()))  # type: ignore[union-attr]
         await client.lost
         self.assertEqual(client.count, 0)
+
+    def test_one_fails(self) -> None:
+        """
+        A connection whose send raises is left to the reactor (which meets
+        the error again and closes it); the others are still sent.
+        """
+
+        class Stub:
+            def __init__(self, fails: bool) -> None:
+                self.fails = fails
+                self.calls: list[str] = []
+
+            def send_now(self) -> None:
+                self.calls.append("send")
+                if self.fails:
+                    raise RuntimeError("a producer raised")
+
+            def startWriting(self) -> None:
+                self.calls.append("reactor")
+
+        clock = Clock()
+        sender = _Sender(clock)
+        failing, other = Stub(True), Stub(False)
+        sender.add(failing)  # type: ignore[arg-type]
+        sender.add(other)  # type: ignore[arg-type]
+        clock.advance(0)
+        self.assertEqual(failing.calls, ["send", "reactor"])
+        self.assertEqual(other.calls, ["send"])
 
     def test_reactor(self) -> None:
         """Everything but listenTCP and connectTCP is the reactor's."""

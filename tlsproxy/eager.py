@@ -51,7 +51,13 @@ class _Sender:
     def _send(self) -> None:
         waiting, self._waiting = self._waiting, []
         for transport in waiting:
-            transport.send_now()
+            try:
+                transport.send_now()
+            except Exception:
+                # (A producer that raised, say.)  The reactor's write meets
+                # it again, and closes that connection as it always does;
+                # the others are still sent.
+                transport.startWriting()  # type: ignore[no-untyped-call]
 
 
 _SENDERS: dict[object, _Sender] = {}  # by reactor (a process has one)
