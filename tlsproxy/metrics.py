@@ -39,7 +39,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._services: dict[str, LimitedTLSFactory] = {}
-        self._plain: set[str] = set()  # services of plain TCP clients
         self.registry.register(_Counts(self._services))
         self._closed = Counter(
             "tlsproxy_connections_closed",
@@ -77,8 +76,6 @@ class Metrics:
     def watch(self, service: str, tls: LimitedTLSFactory) -> None:
         """Report C{service}'s live, accepted and refused connections."""
         self._services[service] = tls
-        if isinstance(tls, LimitedPlainFactory):  # (--client: no handshake)
-            self._plain.add(service)
 
     def observe(self, record: ConnectionRecord) -> None:
         """Count a connection record."""
@@ -92,7 +89,8 @@ class Metrics:
         self._bytes.labels(service, "to_client").inc(record.bytes_to_client)
         if record.handshake_time is not None:
             self._handshake.labels(service).observe(record.handshake_time)
-        elif service not in self._plain:
+        elif not isinstance(self._services.get(service), LimitedPlainFactory):
+            # (Under --client there is no handshake to fail.)
             self._handshake_failures.labels(service, kind).inc()
 
     def page(self) -> Resource:
