@@ -247,10 +247,15 @@ class Pair:
 
     def flush(self) -> None:
         """Move bytes on both connections until nothing moves."""
-        for _ in range(100):
-            moved = self.pump.flush()
-            if self.backend_pump is not None:
-                moved = self.backend_pump.flush() or moved
-            if not moved:
-                return
-        raise AssertionError("still moving after 100 rounds")
+        flush(self.pump, self.backend_pump)
+
+
+def flush(pump: iosim.IOPump, backend_pump: iosim.IOPump | None) -> None:
+    """Move bytes on the client's and the backend's (if any) connections."""
+    for _ in range(100):
+        moved = pump.flush()
+        if backend_pump is not None:
+            moved = backend_pump.flush() or moved
+        if not moved:
+            return
+    raise AssertionError("still moving after 100 rounds")

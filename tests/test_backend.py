@@ -52,6 +52,7 @@ from .memory import (
     Recorder,
     Transport,
     connect,
+    flush,
     leaf_certificates,
 )
 
@@ -423,13 +424,7 @@ class ClientModeTests(SynchronousTestCase):
         self.backend_pump: iosim.IOPump | None = None
 
     def flush(self) -> None:
-        for _ in range(100):
-            moved = self.pump.flush()
-            if self.backend_pump is not None:
-                moved = self.backend_pump.flush() or moved
-            if not moved:
-                return
-        raise AssertionError("still moving")
+        flush(self.pump, self.backend_pump)
 
     def connect_backend(self) -> Recorder:
         self.backend_pump = self.tls_backend.connect(self.endpoint)
