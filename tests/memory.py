@@ -31,6 +31,7 @@ from zope.interface import implementer
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory, Timeouts
+from tlsproxy.service import ServerTLSProtocol
 from tlsproxy.tls import (
     ANY_CERTIFICATE,
     DEFAULT_POLICY,
@@ -200,6 +201,7 @@ class Pair:
             relay,
             self.clock,
         )
+        server_factory.protocol = ServerTLSProtocol
         trust = trustRootFromCertificates(
             [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]
         )
