@@ -708,10 +708,13 @@ def machine() -> str:
 
     cpu = grab(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     python = [sys.executable, "-c", "import twisted; print(twisted.__version__)"]
+    ours = [sys.executable, "-c", "from OpenSSL import SSL; print("
+            "SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode())"]  # fmt: skip
     tools = [
         f"{platform.python_version()}, Twisted {version(python, '(.+)')}",
-        f"{ssl.OPENSSL_VERSION} (Python's ssl)",
-        f"{version(['openssl', 'version'], '(.+)')} (CLI)",
+        f"{version(ours, '(.+)')} (tlsproxy's, in the cryptography wheel)",
+        f"{version(['openssl', 'version'], '(OpenSSL [^ ]+)')} (the system's:"
+        " the C proxies', the clients')",
         version([_which("stunnel"), "-version"], r"(stunnel \S+)"),
         "hitch " + version([_which("hitch"), "--version"], r"hitch (\S+)"),
         "HAProxy " + version([_which("haproxy"), "-v"], r"version (\S+)"),
