@@ -8,7 +8,9 @@ stream module) on this machine: one command, one table, one chart.
 Installs nothing: a missing peer is skipped with the apt-get line that brings
 it.  Loopback only; every process it starts is in its own process group and is
 stopped on the way out.  Per-core run (the default): each proxy on CPU 0 with
-one worker, the backend and the load generators on CPU 1.
+one worker, the backend and the load generators on CPU 1.  --all-cores: nothing
+pinned, each proxy's default workers, and one tlsproxy process per CPU sharing
+the port (--reuse-port).
 """
 
 from __future__ import annotations
@@ -84,13 +86,27 @@ def free_port() -> int:
 
 
 def tlsproxy(s: Setup) -> list[str]:
-    """tlsproxy with its defaults (one close line per connection in its log)."""
+    """
+    tlsproxy with its defaults (one close line per connection in its log);
+    for all cores, one process per CPU sharing the port (C{--reuse-port}).
+    """
     twistd = Path(sys.executable).parent / "twistd"
-    return [
-        str(twistd), "-n", "--pidfile=", f"--logfile={s.tmp}/tlsproxy.log",
-        "tlsproxy", f"--listen=tcp:{s.port}:interface={HOST}:backlog=1024",
-        f"--connect=tcp:{HOST}:{s.backend}", f"--cert={s.cert}", f"--key={s.key}",
-    ]  # fmt: skip
+
+    def one(log: str) -> list[str]:
+        return [
+            str(twistd), "-n", "--pidfile=", f"--logfile={s.tmp}/{log}",
+            "tlsproxy", f"--listen=tcp:{s.port}:interface={HOST}:backlog=1024",
+            f"--connect=tcp:{HOST}:{s.backend}", f"--cert={s.cert}", f"--key={s.key}",
+        ]  # fmt: skip
+
+    if s.per_core:
+        return one("tlsproxy.log")
+    each = [[*one(f"tlsproxy-{n}.log"), "--reuse-port"] for n in range(cpus())]
+    return ["sh", "-c", " & ".join(map(shlex.join, each)) + " & wait"]
+
+
+def cpus() -> int:
+    return os.cpu_count() or 1
 
 
 def stunnel(s: Setup) -> list[str]:
@@ -108,7 +124,7 @@ def stunnel(s: Setup) -> list[str]:
 def hitch(s: Setup) -> list[str]:
     """hitch, one worker per core run (else one per CPU), no log per connection."""
     conf = s.tmp / "hitch.conf"
-    workers = 1 if s.per_core else os.cpu_count()
+    workers = 1 if s.per_core else cpus()
     root = os.geteuid() == 0  # hitch's workers refuse to run as root
     as_nobody = 'user = "nobody"\ngroup = "nogroup"\n' if root else ""
     conf.write_text(
@@ -854,7 +870,7 @@ def main() -> None:
                     print(f"  {proxy.name} FAILED in this run: {e}", flush=True)
     results = {name: medians(runs[name], plan) for name in runs if runs[name]}
     mode = "per core: proxy on CPU 0, clients and backend on CPU 1" if plan.per_core \
-        else "all cores, unpinned, default workers"  # fmt: skip
+        else "all cores, unpinned, default workers, a tlsproxy per CPU"  # fmt: skip
     idle = ", ".join(map(str, plan.idle))
     print(f"\n{about}\n{mode}; medians of {plan.runs} run(s); "
           f"{plan.bulk // MIB} MiB each way; idle connections: {idle}\n")  # fmt: skip
