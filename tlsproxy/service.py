@@ -176,8 +176,9 @@ class ServerTLSProtocol(TLSMemoryBIOProtocol):
     declaration, before declaring them all at once in
     L{ProtocolWrapper.makeConnection}: about a tenth of the CPU of a resumed
     handshake.  This is Twisted 26's method without the loop.  (Its other
-    branch, C{_connectWrapped} false, is for client-side TLS only.)  Every
-    in-memory relay test runs through this class.
+    branch, C{_connectWrapped} false, serves C{startTLS} on a connection
+    already made, which tlsproxy never calls.)  Every in-memory relay test
+    runs through this class.
     """
 
     @override
