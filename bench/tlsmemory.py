@@ -7,6 +7,9 @@ the one stunnel, hitch, HAProxy and nginx use here (through Python's ssl).
 
     python bench/tlsmemory.py [CERT KEY]
 
+Then the same after 64 KiB went to the client, kept as it is and after
+tlsproxy's ServerConnection.shed() (which the proxy runs every 10 s).
+
 In memory: no sockets.  The client is Python's ssl (its key share: X25519,
 as openssl s_client's and the benchmark's); the last row's client is
 pyOpenSSL, whose OpenSSL offers X25519MLKEM768 first, as browsers now do.
@@ -25,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from OpenSSL import SSL
+
+from tlsproxy.tls import ServerConnection
 
 COUNT = 2000
 
@@ -82,6 +87,12 @@ class StdlibSide:
     def version(self) -> str | None:
         return self.tls.version()
 
+    def drain(self) -> None:
+        """Read what the peer sent, and drop it."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while self.tls.read(65536):
+                pass
+
     def give(self, data: bytes) -> None:
         self.incoming.write(data)
 
@@ -90,7 +101,7 @@ class PyOpenSSLSide:
     """One end, in pyOpenSSL over the cryptography wheel's OpenSSL."""
 
     def __init__(self, context: SSL.Context, server: bool) -> None:
-        self.tls = SSL.Connection(context, None)
+        self.tls = ServerConnection(context, None)  # (tlsproxy's, for shed())
         (self.tls.set_accept_state if server else self.tls.set_connect_state)()
 
     def step(self) -> None:
@@ -124,6 +135,17 @@ def handshake(server: Side, client: Side) -> Side:
     client.step()
     server.give(client.take())
     server.step()
+    return server
+
+
+def relayed(server: PyOpenSSLSide, client: StdlibSide, shed: bool) -> Side:
+    """64 KiB sent to the client in 16 KiB records, as Twisted does; then idle."""
+    for _ in range(4):
+        server.tls.send(b"x" * 16384)
+        client.give(server.take())
+        client.drain()
+    if shed:
+        assert server.tls.shed(), "nothing shed"
     return server
 
 
@@ -175,6 +197,18 @@ def main() -> None:
     for name, fresh, done in rows:
         shown = "" if fresh != fresh else f"{fresh:.1f}"
         print(f"  {name:<48} {shown:>6} {done:>24.1f}")
+
+    def after(shed: bool) -> Side:
+        server, peer = PyOpenSSLSide(ours, True), StdlibSide(client, False)
+        handshake(server, peer)
+        return relayed(server, peer, shed)
+
+    print("\nThe first row's, idle after 64 KiB sent in 16 KiB records:")
+    for name, shed in (
+        ("kept as it is", False),
+        ("after ServerConnection.shed()", True),
+    ):
+        print(f"  {name:<48} {per_object(lambda: after(shed)):>6.1f}")  # noqa: B023
 
 
 def self_signed() -> tuple[str, str]:

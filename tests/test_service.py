@@ -25,6 +25,7 @@ from tlsproxy import tap
 from tlsproxy.backend import BackendTLS
 from tlsproxy.relay import RelayFactory, Timeouts
 from tlsproxy.service import (
+    SHED_INTERVAL,
     TICKET_KEY_LIFETIME,
     LimitedTLSFactory,
     Limits,
@@ -33,7 +34,7 @@ from tlsproxy.service import (
     ServerTLSProtocol,
     SharedLimit,
 )
-from tlsproxy.tls import Certificates, ConfigError, Credentials
+from tlsproxy.tls import Certificates, ConfigError, Credentials, ServerConnection
 
 from .memory import CA, Endpoint, Transport, leaf_certificates
 
@@ -435,6 +436,42 @@ class ReloadTests(SynchronousTestCase):
         self.assertIs(self.certificates.context, contexts[-1])
 
 
+class SheddingTests(SynchronousTestCase):
+    """Every SHED_INTERVAL, each live TLS connection gives back empty buffers."""
+
+    def test_each_connection(self) -> None:
+        """Each live connection is asked, while the service runs."""
+        asked: list[ServerConnection] = []
+
+        def shed(connection: ServerConnection) -> bool:
+            asked.append(connection)
+            return True
+
+        self.patch(ServerConnection, "shed", shed)
+        accepting = Accepting(Limits())
+        service = ProxyService(
+            Service(),
+            accepting.factory,
+            accepting.clock,
+            ProxyConfig(
+                listen="tcp:0",
+                connect="tcp:127.0.0.1:1",
+                certificates=leaf_certificates(),
+            ),
+        )
+        handles = [
+            accepting.accept(f"192.0.2.{n}").protocol.getHandle() for n in (1, 2)
+        ]
+        service.startService()
+        accepting.clock.advance(SHED_INTERVAL - 1)
+        self.assertEqual(asked, [])
+        accepting.clock.advance(1)
+        self.assertEqual(asked, handles)
+        service.stopService()
+        accepting.clock.advance(SHED_INTERVAL)
+        self.assertEqual(asked, handles)
+
+
 class BackendReloadTests(SynchronousTestCase):
     """A reload reads the backend's CA file too; --client has no ticket keys."""
 
@@ -483,8 +520,12 @@ class BackendReloadTests(SynchronousTestCase):
         )
 
     def test_client_mode(self) -> None:
-        """Without certificates (--client), reload and rotation are harmless."""
+        """
+        Without certificates (--client), reload, rotation and shedding are
+        harmless (a plain connection has no TLS buffers).
+        """
         service = self.service(None)
+        self.accepting.accept("192.0.2.1")
         service.startService()
         self.accepting.clock.advance(TICKET_KEY_LIFETIME)
         service.reload()

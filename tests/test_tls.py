@@ -16,6 +16,7 @@ from tlsproxy.tls import (
     ANY_CERTIFICATE,
     AllowList,
     ConfigError,
+    ServerConnection,
     TLSPolicy,
     from_files,
     load_certificates,
@@ -414,3 +415,58 @@ def client_certificate(ca: x509.Certificate) -> tuple[x509.Certificate, bytes]:
         serialization.NoEncryption(),
     )
     return certificate, key_pem
+
+
+class ShedTests(SynchronousTestCase):
+    """A connection gives back its memory BIOs' buffers when they are empty."""
+
+    def relaying(self) -> tuple[Pair, ServerConnection]:
+        """A pair past its handshake, 64 KiB sent to the client and read."""
+        pair = Pair()
+        pair.flush()
+        pair.connect_backend()
+        pair.backend.transport.write(b"x" * 65536)
+        pair.flush()
+        self.assertEqual(len(pair.client.data), 65536)
+        return pair, pair.server.getHandle()
+
+    def test_sheds(self) -> None:
+        """
+        Once drained, both BIOs are new ones, and bytes go on flowing both
+        ways, in order.
+        """
+        pair, tls = self.relaying()
+        old = (tls._into_ssl, tls._from_ssl)
+        self.assertTrue(tls.shed())
+        self.assertNotIn(tls._into_ssl, old)
+        self.assertNotIn(tls._from_ssl, old)
+        pair.client_tls.write(b"ping")
+        pair.flush()
+        pair.backend.transport.write(b"pong")
+        pair.flush()
+        self.assertEqual(pair.backend.data, b"ping")
+        self.assertEqual(pair.client.data, b"x" * 65536 + b"pong")
+        self.assertTrue(tls.shed())  # (and again)
+
+    def test_not_during_handshake(self) -> None:
+        """Before the client's Finished, nothing is swapped."""
+        pair = Pair()
+        pair.pump.pump()  # ClientHello in, the server's flight out
+        tls = pair.server.getHandle()
+        old = (tls._into_ssl, tls._from_ssl)
+        self.assertFalse(tls.shed())
+        self.assertEqual((tls._into_ssl, tls._from_ssl), old)
+        pair.flush()
+        self.assertEqual(len(pair.endpoint.attempts), 1)  # (the handshake ends)
+
+    def test_not_with_bytes_out(self) -> None:
+        """Bytes waiting to go to the client keep the BIOs in place."""
+        _, tls = self.relaying()
+        tls.send(b"waiting")
+        self.assertFalse(tls.shed())
+
+    def test_not_with_bytes_in(self) -> None:
+        """Bytes from the client not yet read by TLS keep the BIOs in place."""
+        _, tls = self.relaying()
+        tls.bio_write(b"\x17\x03\x03")  # (the start of a record)
+        self.assertFalse(tls.shed())

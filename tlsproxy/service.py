@@ -41,7 +41,14 @@ from .proxyheader import HeaderEncoder, no_header
 from .record import RecordObserver, host_port, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
 from .steer import steer
-from .tls import ANY_CERTIFICATE, AllowList, Certificates, ConfigError, ServerTLS
+from .tls import (
+    ANY_CERTIFICATE,
+    AllowList,
+    Certificates,
+    ConfigError,
+    ServerConnection,
+    ServerTLS,
+)
 
 _log = Logger(namespace="tlsproxy")
 
@@ -291,11 +298,16 @@ class LimitedPlainFactory(LimitedTLSFactory):
 # How long session ticket keys live (and so the sessions they resume).
 TICKET_KEY_LIFETIME = 3600.0
 
+# How often live connections give back their empty TLS buffers.
+SHED_INTERVAL = 10.0
+
 
 class ProxyService(MultiService):
     """
     The listening service; new session ticket keys every
-    L{TICKET_KEY_LIFETIME} seconds; certificates read again on L{reload};
+    L{TICKET_KEY_LIFETIME} seconds; every L{SHED_INTERVAL} seconds each
+    connection's empty TLS buffers given back (L{ServerConnection.shed});
+    certificates read again on L{reload};
     and on stop a drain: stop accepting, let live connections finish for
     C{drain} seconds, then abort the rest.
     """
@@ -314,6 +326,8 @@ class ProxyService(MultiService):
         self._clock = clock
         self._rotation = LoopingCall(self._rotate)
         self._rotation.clock = clock
+        self._shedding = LoopingCall(self._shed)
+        self._shedding.clock = clock
         # What a reload reads again: the certificates, the backend's CAs.
         self._files: list[Reloadable] = [
             files
@@ -325,10 +339,16 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._rotation.start(TICKET_KEY_LIFETIME, now=False)
+        self._shedding.start(SHED_INTERVAL, now=False)
 
     def _rotate(self) -> None:
         if self.config.certificates is not None:  # (none with --client)
             self.config.certificates.rotate()
+
+    def _shed(self) -> None:
+        if self.config.certificates is not None:  # (--client: plain TCP)
+            for protocol in self.tls.protocols:
+                typing.cast(ServerConnection, protocol.getHandle()).shed()
 
     def reload(self) -> None:
         """
@@ -354,6 +374,7 @@ class ProxyService(MultiService):
     def stopService(self) -> Deferred[None]:
         if self._rotation.running:  # (not when stopped before it started)
             self._rotation.stop()
+            self._shedding.stop()
         stopped = super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._drained(stopped))
 
