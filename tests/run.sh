@@ -3,8 +3,10 @@
 #   sh tests/run.sh
 # It makes .venv if there is none, installs the project (editable) with its
 # test tools, runs the trial suite under branch coverage, then the gates:
-# coverage of tlsproxy/ at 100%, mypy --strict, ruff.  The last line counts
-# trial's tests plus the three gates: "N passed, N failed".
+# coverage of tlsproxy/ at 100%, mypy --strict, ruff check and format, and
+# the in-memory tests again in .venv-floors, on the oldest versions that
+# setup.cfg allows (tests/floors.py).  The last line counts trial's tests
+# plus the five gates: "N passed, N failed, N skipped".
 set -u
 cd "$(dirname "$0")/.." || exit 1
 [ -x .venv/bin/python ] || python3 -m venv .venv || exit 1
@@ -12,7 +14,7 @@ cd "$(dirname "$0")/.." || exit 1
 .venv/bin/python -m pip install -q -e '.[test]' || exit 1
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.pins" "$log.floors"' EXIT
 .venv/bin/coverage erase
 [ $# -gt 0 ] || set -- tests
 .venv/bin/coverage run -m twisted.trial "$@" 2>&1 | tee "$log"
@@ -44,6 +46,18 @@ gate "branch coverage of tlsproxy/ is 100%" .venv/bin/coverage report
 gate "mypy --strict" .venv/bin/mypy
 gate "ruff check" .venv/bin/ruff check .
 gate "ruff format" .venv/bin/ruff format --check .
+
+floors() {  # the in-memory tests on the oldest versions setup.cfg names
+    .venv/bin/python tests/floors.py >"$log.pins" || return 1
+    [ -x .venv-floors/bin/python ] || python3 -m venv .venv-floors || return 1
+    .venv-floors/bin/python -m pip install -q -c "$log.pins" -e . trustme \
+        hypothesis >"$log.floors" 2>&1 || { tail -n 20 "$log.floors"; return 1; }
+    .venv-floors/bin/python -m twisted.trial tests.test_tls tests.test_sni \
+        tests.test_relay tests.test_flow tests.test_service tests.test_backend \
+        tests.test_metrics tests.test_record >"$log.floors" 2>&1 ||
+        { tail -n 40 "$log.floors"; return 1; }
+}
+gate "the oldest versions setup.cfg allows" floors
 
 echo "${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ]
