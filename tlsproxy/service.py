@@ -338,17 +338,16 @@ class ProxyService(MultiService):
     @override
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._rotation.start(TICKET_KEY_LIFETIME, now=False)
-        self._shedding.start(SHED_INTERVAL, now=False)
+        if self.config.certificates is not None:  # (--client: plain TCP, no TLS)
+            self._rotation.start(TICKET_KEY_LIFETIME, now=False)
+            self._shedding.start(SHED_INTERVAL, now=False)
 
     def _rotate(self) -> None:
-        if self.config.certificates is not None:  # (none with --client)
-            self.config.certificates.rotate()
+        typing.cast(Certificates, self.config.certificates).rotate()
 
     def _shed(self) -> None:
-        if self.config.certificates is not None:  # (--client: plain TCP)
-            for protocol in self.tls.protocols:
-                typing.cast(ServerConnection, protocol.getHandle()).shed()
+        for protocol in self.tls.protocols:
+            typing.cast(ServerConnection, protocol.getHandle()).shed()
 
     def reload(self) -> None:
         """
@@ -372,7 +371,7 @@ class ProxyService(MultiService):
 
     @override
     def stopService(self) -> Deferred[None]:
-        if self._rotation.running:  # (not when stopped before it started)
+        if self._rotation.running:  # (not under --client, or before it started)
             self._rotation.stop()
             self._shedding.stop()
         stopped = super().stopService()  # type: ignore[no-untyped-call]
