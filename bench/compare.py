@@ -3,7 +3,7 @@ Compare tlsproxy with the C TLS terminators (stunnel, hitch, HAProxy, nginx's
 stream module) on this machine: one command, one table, one chart.
 
     python bench/compare.py [--runs 3] [--quick] [--all-cores]
-        [--peers stunnel,hitch,haproxy,nginx] [--chart bench/results.png]
+        [--peers twisted,stunnel,hitch,haproxy,nginx] [--chart bench/results.png]
 
 Installs nothing: a missing peer is skipped with the apt-get line that brings
 it.  Loopback only; every process it starts is in its own process group and is
@@ -109,6 +109,16 @@ def cpus() -> int:
     return os.cpu_count() or 1
 
 
+def twisted(s: Setup) -> list[str]:
+    """
+    The floor: bench/forwarder.py, the least a TLS terminator on Twisted and
+    pyOpenSSL does (one process, also for all cores).
+    """
+    forwarder = Path(__file__).resolve().parent / "forwarder.py"
+    return [sys.executable, str(forwarder), str(s.port), str(s.backend),
+            str(s.cert), str(s.key)]  # fmt: skip
+
+
 def stunnel(s: Setup) -> list[str]:
     """stunnel, threads (its default), notice-level log to a file."""
     conf = s.tmp / "stunnel.conf"
@@ -194,6 +204,7 @@ PROXIES = {
     p.name: p
     for p in (
         Proxy("tlsproxy", tlsproxy, (), ""),
+        Proxy("twisted", twisted, (), ""),
         Proxy("stunnel", stunnel, ("stunnel4", "stunnel"), "stunnel4"),
         Proxy("hitch", hitch, ("hitch",), "hitch"),
         Proxy("haproxy", haproxy, ("haproxy",), "haproxy"),
@@ -802,7 +813,7 @@ def parse() -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--runs", type=int, help="median of this many (3; --quick 1)")
     parser.add_argument("--quick", action="store_true",
                         help="3 s loads, 256 MiB, 1,000 idle connections")  # fmt: skip
-    parser.add_argument("--peers", default="stunnel,hitch,haproxy,nginx")
+    parser.add_argument("--peers", default="twisted,stunnel,hitch,haproxy,nginx")
     parser.add_argument("--chart", type=Path, help="write the PNG chart here")
     parser.add_argument("--all-cores", action="store_true",
                         help="no pinning; each proxy's default workers")  # fmt: skip
