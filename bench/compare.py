@@ -112,7 +112,7 @@ def cpus() -> int:
 def twisted(s: Setup) -> list[str]:
     """
     The floor: bench/forwarder.py, the least a TLS terminator on Twisted and
-    pyOpenSSL does (one process, also for all cores).
+    pyOpenSSL does.  One process: per core runs only.
     """
     forwarder = Path(__file__).resolve().parent / "forwarder.py"
     return [sys.executable, str(forwarder), str(s.port), str(s.backend),
@@ -198,13 +198,14 @@ class Proxy:
     binaries: tuple[str, ...]  # any of these names will do
     packages: str  # what apt-get installs
     needs: tuple[Path, ...] = ()
+    per_core_only: bool = False
 
 
 PROXIES = {
     p.name: p
     for p in (
         Proxy("tlsproxy", tlsproxy, (), ""),
-        Proxy("twisted", twisted, (), ""),
+        Proxy("twisted", twisted, (), "", per_core_only=True),
         Proxy("stunnel", stunnel, ("stunnel4", "stunnel"), "stunnel4"),
         Proxy("hitch", hitch, ("hitch",), "hitch"),
         Proxy("haproxy", haproxy, ("haproxy",), "haproxy"),
@@ -848,6 +849,8 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed: apt-get install -y {TOOLS}")
     proxies = [PROXIES[n] for n in names if not missing(PROXIES[n])]
+    if not plan.per_core:
+        proxies = [p for p in proxies if not p.per_core_only]
     if plan.per_core:
         if sorted(os.sched_getaffinity(0))[:2] != [0, 1]:
             sys.exit("needs CPUs 0 and 1: the proxy gets one, the clients the other")
