@@ -26,6 +26,7 @@ from .harness import (
     start_http_backend,
     start_proxy,
     temp_dir,
+    wait_until,
 )
 
 FIELDS = [
@@ -175,6 +176,18 @@ class OptionTests(SynchronousTestCase):
         with open(path) as f:
             self.assertEqual(json.loads(f.read())["id"], "0123abcd")
 
+    def test_quiet(self) -> None:
+        """--quiet leaves out twistd's line, not the connection log."""
+        path = self.mktemp()
+        options = tap.Options()
+        options.parseOptions(
+            ["--connect", "tcp:h:1", "--self-signed", "x", "--connection-log", path,
+             "--quiet"]
+        )  # fmt: skip
+        [observer] = options.observers
+        self.assertIsInstance(observer, ConnectionLog)
+        observer.close()  # type: ignore[attr-defined]
+
     def test_nothing_created_on_error(self) -> None:
         """A command line that fails creates no log file."""
         path = self.mktemp()
@@ -225,3 +238,32 @@ class TwistdTests(unittest.TestCase):
         self.assertLessEqual(closed["opened"], closed["closed"])
         self.assertNotIn('"event"', proxy.log_text())
         self.assertIn(f"{closed['id']} from ", proxy.log_text())
+
+    def test_quiet_through_twistd(self) -> None:
+        """
+        With --quiet, a connection's close record reaches the connection log
+        and no line reaches twistd's log (which, without --quiet, gets its
+        line before the connection log gets the record).
+        """
+        directory = temp_dir(self)
+        certificates = make_certificates(directory)
+        backend = start_http_backend(self)
+        path = directory / "connections.log"
+        proxy = start_proxy(
+            self,
+            "--connect",
+            f"tcp:127.0.0.1:{backend.port}",
+            "--cert",
+            str(certificates.cert),
+            "--key",
+            str(certificates.key),
+            "--connection-log",
+            str(path),
+            "--quiet",
+        )
+        curl_ok("--cacert", str(certificates.ca), f"https://localhost:{proxy.port}/")
+        wait_until(lambda: path.read_text().count("\n") == 2, "the close record")
+        closed = json.loads(path.read_text().splitlines()[1])
+        self.assertEqual(closed["event"], "close")
+        self.assertEqual(proxy.close_lines(), [])
+        self.assertNotIn(closed["id"], proxy.log_text())

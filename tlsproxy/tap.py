@@ -135,6 +135,7 @@ class Options(usage.Options):
         ["sni-strict", None, "Refuse an SNI name no certificate serves."],
         ["client", None, "Accept plain TCP (needs --connect tls:...)."],
         ["reuse-port", None, "Share the --listen port with other processes."],
+        ["quiet", None, "No line per connection in twistd's log."],
     ]
 
     def __init__(self) -> None:
@@ -220,7 +221,7 @@ class Options(usage.Options):
             reuse_port=bool(self["reuse-port"]),
             steer_clients=_processes(self["steer-clients"]),
         )
-        self.observers: list[RecordObserver] = [log_close]
+        self.observers: list[RecordObserver] = [] if self["quiet"] else [log_close]
         self.metrics: Metrics | None = None
         if self["metrics"] is not None:
             _endpoint("--metrics", self["metrics"], serverFromString)
