@@ -1,6 +1,7 @@
 """
 Compare tlsproxy with the C TLS terminators (stunnel, hitch, HAProxy, nginx's
-stream module) on this machine: one command, one table, one chart.
+stream module) and with the floor of its stack ("twisted": bench/forwarder.py)
+on this machine: one command, one table, one chart.
 
     python bench/compare.py [--runs 3] [--quick] [--all-cores]
         [--peers twisted,stunnel,hitch,haproxy,nginx] [--chart bench/results.png]
@@ -849,12 +850,12 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed: apt-get install -y {TOOLS}")
     proxies = [PROXIES[n] for n in names if not missing(PROXIES[n])]
-    if not plan.per_core:
-        proxies = [p for p in proxies if not p.per_core_only]
     if plan.per_core:
         if sorted(os.sched_getaffinity(0))[:2] != [0, 1]:
             sys.exit("needs CPUs 0 and 1: the proxy gets one, the clients the other")
         os.sched_setaffinity(0, {1})  # the backends and the load generators inherit it
+    else:
+        proxies = [p for p in proxies if not p.per_core_only]
     about = machine()
     print(about, flush=True)
     started = time.monotonic()
