@@ -89,15 +89,16 @@ class Stunnel2ConfTests(SynchronousTestCase):
             "syslog = yes\nforeground = yes\ndebug = 7\nlocal = 10.0.0.3\n"
             "sslVersionMin = TLSv1.3\nTIMEOUTidle = 60\n"
             "[web]\naccept = :::443\nconnect = /run/web.sock\n"
-            "protocol = proxy\n"
+            "protocol = proxy\ndebug = daemon.warning\n"
             "[imap]\naccept = 993\nconnect = 143\nCAfile = ca.pem\n"
             "checkHost = a.example\nverifyChain = yes\nsslVersionMin = TLSv1\n"
+            "debug = 4\n[pop]\ndebug = chatty\n"
         )
         self.assertEqual(status, 0)
         lines = out.splitlines()
         self.assertIn("twistd --syslog --prefix tlsproxy -n tlsproxy", lines[1])
-        self.assertEqual(lines[2], "# stunnel: debug = 7: no tlsproxy equivalent")
-        [default, web, imap] = [
+        self.assertIn("# stunnel: debug = 7\n", out)  # notice and up: the default
+        [default, web, imap, pop] = [
             [line for line in part.splitlines()[1:] if not line.startswith("#")]
             for part in out.split("\n[")[1:]
         ]
@@ -108,6 +109,7 @@ class Stunnel2ConfTests(SynchronousTestCase):
                 "listen = tcp6:443:interface=\\:\\:",
                 "connect = unix:/run/web.sock",
                 "proxy-protocol = v1",
+                "quiet = yes",
             ],
         )
         self.assertEqual(
@@ -117,8 +119,11 @@ class Stunnel2ConfTests(SynchronousTestCase):
                 "connect = tcp:127.0.0.1:143:bindAddress=10.0.0.3",
                 "client-ca = ca.pem",
                 "allow-dns = a.example",
+                "quiet = yes",
             ],
         )
+        self.assertEqual(pop, [])
+        self.assertIn("# stunnel: debug = chatty: no tlsproxy equivalent", out)
         self.assertIn("# stunnel: verifyChain = yes: no tlsproxy equivalent", out)
         self.assertIn("# stunnel: sslVersionMin = TLSv1: no tlsproxy equivalent", out)
 

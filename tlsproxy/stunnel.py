@@ -47,6 +47,11 @@ def _endpoint(kind: str, text: str) -> str:
 
 _FLAGS = {"syslog": ["--syslog", "--prefix", "tlsproxy"], "foreground": ["-n"]}
 
+# stunnel's debug levels (syslog's, by name or number): below notice, stunnel
+# logs no line per connection, and neither does tlsproxy with --quiet.
+_QUIET = {"emerg", "alert", "crit", "err", "warning", "0", "1", "2", "3", "4"}
+_LOUD = {"notice", "info", "debug", "5", "6", "7"}
+
 
 def _keys(key: str, value: str) -> list[tuple[str, str]] | None:
     """The tlsproxy keys for one stunnel service line, or None: no equivalent."""
@@ -60,6 +65,12 @@ def _keys(key: str, value: str) -> list[tuple[str, str]] | None:
         return [("tls-min", value[4:])]
     if (key, value) == ("protocol", "proxy"):
         return [("proxy-protocol", "v1")]
+    if key == "debug":  # [facility.]level
+        level = value.rpartition(".")[2].lower()
+        if level in _QUIET:
+            return [("quiet", "yes")]
+        if level in _LOUD:
+            return []  # (tlsproxy's default)
     return None
 
 
