@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import unittest
+from pathlib import Path
 
 import attrs
 from twisted.logger import globalLogPublisher
@@ -21,6 +22,8 @@ from tlsproxy.record import ConnectionRecord
 from tlsproxy.tls import ConfigError
 
 from .harness import (
+    HttpBackend,
+    TwistdProxy,
     curl_ok,
     make_certificates,
     start_http_backend,
@@ -201,11 +204,11 @@ class OptionTests(SynchronousTestCase):
 class TwistdTests(unittest.TestCase):
     """The real twistd writes the log; twistd's own log does not get it."""
 
-    def test_records_through_twistd(self) -> None:
+    def curl_through(self, *extra: str) -> tuple[TwistdProxy, HttpBackend, Path]:
         """
-        A curl request gives an open and a close record whose
-        backend_local_port is the port the backend saw, and twistd's log
-        keeps its one text line.
+        Run twistd with a connection log (and C{extra} options) in front of
+        an HTTP backend, and make one curl request through it; the proxy,
+        the backend and the connection log's path.
         """
         directory = temp_dir(self)
         certificates = make_certificates(directory)
@@ -221,8 +224,18 @@ class TwistdTests(unittest.TestCase):
             str(certificates.key),
             "--connection-log",
             str(path),
+            *extra,
         )
         curl_ok("--cacert", str(certificates.ca), f"https://localhost:{proxy.port}/")
+        return proxy, backend, path
+
+    def test_records_through_twistd(self) -> None:
+        """
+        A curl request gives an open and a close record whose
+        backend_local_port is the port the backend saw, and twistd's log
+        keeps its one text line.
+        """
+        proxy, backend, path = self.curl_through()
         proxy.wait_for_closes(1)
         opened, closed = (json.loads(line) for line in path.read_text().splitlines())
         self.assertEqual((opened["event"], closed["event"]), ("open", "close"))
@@ -245,23 +258,7 @@ class TwistdTests(unittest.TestCase):
         and no line reaches twistd's log (which, without --quiet, gets its
         line before the connection log gets the record).
         """
-        directory = temp_dir(self)
-        certificates = make_certificates(directory)
-        backend = start_http_backend(self)
-        path = directory / "connections.log"
-        proxy = start_proxy(
-            self,
-            "--connect",
-            f"tcp:127.0.0.1:{backend.port}",
-            "--cert",
-            str(certificates.cert),
-            "--key",
-            str(certificates.key),
-            "--connection-log",
-            str(path),
-            "--quiet",
-        )
-        curl_ok("--cacert", str(certificates.ca), f"https://localhost:{proxy.port}/")
+        proxy, _, path = self.curl_through("--quiet")
         wait_until(lambda: path.read_text().count("\n") == 2, "the close record")
         closed = json.loads(path.read_text().splitlines()[1])
         self.assertEqual(closed["event"], "close")
