@@ -375,6 +375,18 @@ class JoinLineTests(SynchronousTestCase):
         ]:
             self.assertEqual(self.join(line), (line, "unmatched"))
 
+    def test_not_an_address(self) -> None:
+        """
+        A record whose client address is not an IP address (a newline and a
+        forged line in it, say) changes no line: one line in, one line out.
+        """
+        forged = '192.0.2.9 - - [x] "GET /forged" 200 1\n192.0.2.9'
+        for host in [forged, "localhost", "fe80::1%eth0\nx", "", "192.0.2.7 "]:
+            self.index = index_of(
+                connection("a", 40001, NINE_UTC - 1, NINE_UTC + 1, client_host=host)
+            )
+            self.assertEqual(self.join(access()), (access(), "not an address"))
+
     def test_unparsable(self) -> None:
         """A line that the format does not describe is unchanged."""
         for line in [b"\n", b"garbage\n", access().replace(b"GET", b'G"ET')]:
@@ -516,7 +528,8 @@ class MainTests(SynchronousTestCase):
         self.assertEqual(
             err,
             "tlsproxy-logjoin: connection log: 3 records, 1 skipped\n"
-            "tlsproxy-logjoin: matched 2, unmatched 1, unparsable 1\n",
+            "tlsproxy-logjoin: matched 2, unmatched 1, unparsable 1,"
+            " not an address 0\n",
         )
 
     def test_stdin(self) -> None:
@@ -600,7 +613,7 @@ class ScriptTests(SynchronousTestCase):
         )
         self.assertEqual(
             done.stderr.decode().splitlines()[-1],
-            "tlsproxy-logjoin: matched 1, unmatched 0, unparsable 0",
+            "tlsproxy-logjoin: matched 1, unmatched 0, unparsable 0, not an address 0",
         )
 
     def test_missing(self) -> None:

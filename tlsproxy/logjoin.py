@@ -6,12 +6,15 @@ An access-log line matches the connection whose C{backend_local_port} is the
 line's C{%{remote}p} (and whose C{backend_local_host} is the line's address,
 when the record has one) and that was open at the line's time, give or take
 a second.  Every line comes out, in order: matched lines with the client's
-address and without the port, others unchanged.
+address and without the port, others unchanged.  A client address that is
+not an IP address (a record written by hand, say) is never copied into a
+line: such a line comes out unchanged, counted as C{not an address}.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import sys
@@ -31,7 +34,7 @@ DEFAULT_FORMAT = '%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-Agent}i" %{remot
 SLACK = 1.0
 
 # One connection: opened, closed (inf while open), backend_local_host,
-# client_host.
+# client_host (b"" when it is not an IP address).
 Connection = tuple[float, float, bytes | None, bytes]
 _OPENED = itemgetter(0)
 
@@ -103,14 +106,28 @@ def _connection(
     event, key, port = record["event"], record["id"], record["backend_local_port"]
     closed = {"open": math.inf, "close": record["closed"] or 0}[event]
     local_host = _host(record["backend_local_host"])
-    client_host = (record["client_host"] or "-").encode()
+    client_host = _client(record["client_host"])
     connection = (
         float(record["opened"] or 0),
         float(closed),
         interned.setdefault(local_host, local_host),
-        interned.setdefault(client_host, client_host) or b"-",
+        interned.setdefault(client_host, client_host) or b"",
     )
     return event, str(key), b"" if port is None else b"%d" % port, connection
+
+
+def _client(host: str | None) -> bytes:
+    """
+    The client's address as a joined line shows it: C{-} for none (a UNIX
+    socket's client), else the IP address; empty if it is not one.
+    """
+    if host is None:
+        return b"-"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return b""
+    return b"" if "%" in host else host.encode()
 
 
 def _host(host: str | None) -> bytes | None:
@@ -123,8 +140,9 @@ def join_line(
 ) -> tuple[bytes, str]:
     """
     One access-log line, joined, and how: C{"matched"} (the addresses
-    replaced by the client's, the remote port dropped), or C{"unmatched"} or
-    C{"unparsable"} (unchanged).  The line keeps its ending, or gets C{\\n}.
+    replaced by the client's, the remote port dropped), or C{"unmatched"},
+    C{"unparsable"} or C{"not an address"} (unchanged).  The line keeps its
+    ending, or gets C{\\n}.
     """
     body = line.rstrip(b"\r\n")
     ending = line[len(body) :].removesuffix(b"\n") + b"\n"
@@ -136,8 +154,8 @@ def join_line(
         match[log_format.host_group].removeprefix(b"::ffff:"),
         log_format.time_of(match[log_format.time_group]),
     )
-    if client is None:
-        return body + ending, "unmatched"
+    if not client:
+        return body + ending, "unmatched" if client is None else "not an address"
     pieces: list[bytes] = []
     position = 0
     for group, is_address in log_format.edits:
@@ -204,6 +222,7 @@ def main(
             f"{PROG}: connection log: {records} records, {skipped} skipped", file=stderr
         )
         counts = Counter(matched=0, unmatched=0, unparsable=0)
+        counts["not an address"] = 0
         for access_log in access_logs:
             for line in access_log:
                 joined, outcome = join_line(line, log_format, index)
