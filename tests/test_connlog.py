@@ -150,6 +150,23 @@ class ConnectionLogTests(SynchronousTestCase):
             str(caught.exception), f"--connection-log {path}: No such file or directory"
         )
 
+    def test_not_through_a_link(self) -> None:
+        """
+        A symbolic link at the log's path is refused, and what it points at
+        is left alone: root's start-up writes no file a link chose.
+        """
+        target = self.mktemp()
+        with open(target, "w") as f:
+            f.write("precious\n")
+        os.symlink(target, self.path)
+        with self.assertRaises(ConfigError) as caught:
+            ConnectionLog.open(self.path)
+        self.assertEqual(
+            str(caught.exception), f"--connection-log {self.path}: a symbolic link"
+        )
+        with open(target) as f:
+            self.assertEqual(f.read(), "precious\n")
+
     def test_write_error(self) -> None:
         """A record that cannot be written is reported in twistd's log, not raised."""
         events: list[dict[str, object]] = []

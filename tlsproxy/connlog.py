@@ -10,6 +10,7 @@ beginning of the file, with no hole before it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -32,14 +33,18 @@ class ConnectionLog:
     @classmethod
     def open(cls, path: str) -> ConnectionLog:
         """
-        Open (or create, mode 0640) the log at C{path} for appending.
+        Open (or create, mode 0640) the log at C{path} for appending; not
+        through a symbolic link (a user who can write the directory could
+        otherwise point root's start-up at any file).
 
-        @raise ConfigError: the file cannot be opened.
+        @raise ConfigError: the file cannot be opened, or is a link.
         """
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(path, flags, 0o640)
         except OSError as e:
-            raise ConfigError(f"--connection-log {path}: {e.strerror}") from None
+            why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise ConfigError(f"--connection-log {path}: {why}") from None
         return cls(path, fd)
 
     def __call__(self, record: ConnectionRecord) -> None:
