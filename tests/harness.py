@@ -153,6 +153,8 @@ def make_certificates(directory: Path) -> Certificates:
             f.write(blob.bytes())
     leaf.private_key_pem.write_to_path(str(files.key))
     stranger.private_key_pem.write_to_path(str(files.other_key))
+    for key in (files.key, files.other_key):
+        key.chmod(0o600)  # (readable by others: a warning at each start)
     return files
 
 

@@ -22,7 +22,6 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate as TwistedCertificate
 from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.task import Clock
-from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -31,7 +30,7 @@ from zope.interface import implementer
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.service import ServerTLSProtocol
+from tlsproxy.service import behind_balancer
 from tlsproxy.tls import (
     ANY_CERTIFICATE,
     DEFAULT_POLICY,
@@ -41,6 +40,7 @@ from tlsproxy.tls import (
     Identity,
     ServerTLS,
     TLSPolicy,
+    TLSProtocol,
 )
 
 DEFAULTS = Timeouts()
@@ -201,7 +201,7 @@ class Pair:
             relay,
             self.clock,
         )
-        server_factory.protocol = ServerTLSProtocol
+        server_factory.protocol = TLSProtocol
         trust = trustRootFromCertificates(
             [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]
         )
@@ -213,7 +213,7 @@ class Pair:
         )
         listening = server_factory
         if balancer is not None:
-            listening = HAProxyWrappingFactory(server_factory)
+            listening = behind_balancer(server_factory)
         self.server = listening.buildProtocol(self.CLIENT)
         self.client_tls = client_factory.buildProtocol(self.LISTEN)
         self.client: Recorder = self.client_tls.wrappedProtocol

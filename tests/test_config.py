@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import socket
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tlsproxy import config, tap
 from tlsproxy.connlog import ConnectionLog
+from tlsproxy.service import overlap
 
 from .memory import CA, LEAF
 
@@ -93,7 +95,48 @@ class ReadTests(SynchronousTestCase):
         self.assertEqual(mail.timeouts.handshake, 30)
         self.assertEqual(mail.limits.total, math.inf)
         self.assertIsNone(options.metrics)
-        self.assertEqual(options.total, math.inf)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(options.total, (soft - 64) // 2)
+
+    def test_shared_listen(self) -> None:
+        """
+        Two services on one port are a one-line error at start-up, with
+        C{reuse-port} too (which would let both bind, and spread clients
+        over a public service and one that requires certificates).
+        """
+        for extra, first, second in [
+            ("", "tcp:8443", "tcp:8443"),
+            ("reuse-port = yes", "tcp:8443", "tcp:port=8443"),
+            ("reuse-port = yes", "tcp:8443:interface=127.0.0.1", "tcp6:8443"),
+            ("", "tcp:8443:interface=\\:\\:1", "haproxy:tcp:8443:interface=\\:\\:1"),
+            ("", "unix:/run/a.sock", "unix:address=/run/a.sock"),
+        ]:
+            path = self.files.ini(
+                f"""
+                [DEFAULT]
+                connect = tcp:127.0.0.1:1
+                self-signed = x
+                {extra}
+                [a]
+                listen = {first}
+                [b]
+                listen = {second}
+                """
+            )
+            self.assertEqual(
+                self.error("--config", path),
+                f"{path} [b] listen: {second}: the port of [a] ({first})",
+            )
+
+    def test_distinct_listens(self) -> None:
+        """Other ports, other interfaces, free ports (0) and paths are fine."""
+        for first, second in [
+            ("tcp:8443", "tcp:8444"),
+            ("tcp:8443:interface=127.0.0.1", "tcp:8443:interface=127.0.0.2"),
+            ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"),
+            ("unix:/run/a.sock", "unix:/run/b.sock"),
+        ]:
+            self.assertFalse(overlap(first, second), (first, second))
 
     def test_command_line_is_one_service(self) -> None:
         """Without --config the command line is one service, "tlsproxy"."""
@@ -434,28 +477,6 @@ class ServiceTests(TestCase):
         self.assertTrue(
             message.startswith(f"tlsproxy: {path} [b] listen: {listen}: "), message
         )
-
-    def test_shared_listen(self) -> None:
-        """Two services on one endpoint: the second cannot bind, and says so."""
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        listen = f"tcp:{probe.getsockname()[1]}:interface=127.0.0.1"
-        probe.close()
-        path = self.files.ini(
-            f"""
-            [DEFAULT]
-            connect = tcp:127.0.0.1:1
-            self-signed = x
-            listen = {listen}
-            [a]
-            [b]
-            """
-        )
-        service = tap.makeService(parse("--config", path))
-        self.addCleanup(service.stopService)
-        with self.assertRaises(tap.StartupError) as caught:
-            service.privilegedStartService()
-        self.assertIn(f" {path} [b] listen: {listen}: ", str(caught.exception))
 
     def test_metrics_port_in_use(self) -> None:
         """A metrics port that cannot be bound is named as --metrics."""

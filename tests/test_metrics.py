@@ -8,7 +8,9 @@ from __future__ import annotations
 import unittest
 
 import attrs
+from twisted.application.service import Service
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -16,7 +18,14 @@ from twisted.web.test.requesthelper import DummyRequest
 from tlsproxy import tap
 from tlsproxy.metrics import Metrics, reason_kind
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.service import LimitedPlainFactory, Limits
+from tlsproxy.service import (
+    LimitedPlainFactory,
+    LimitedTLSFactory,
+    Limits,
+    ProxyConfig,
+    ProxyService,
+)
+from tlsproxy.tls import Certificates
 
 from .harness import (
     curl_ok,
@@ -25,7 +34,10 @@ from .harness import (
     start_proxy,
     temp_dir,
 )
+from .memory import leaf_certificates
 from .test_service import Accepting
+
+LEAVES = leaf_certificates()
 
 OPEN = ConnectionRecord(
     event="open",
@@ -50,6 +62,14 @@ FAILED = ConnectionRecord(
     opened=100.0,
     reason="TLS error: wrong version number",
 )
+
+
+def watched(
+    factory: LimitedTLSFactory, certificates: Certificates | None = LEAVES
+) -> ProxyService:
+    """A service around C{factory}, for the metrics to watch."""
+    config = ProxyConfig(listen="tcp:0", connect="tcp:h:1", certificates=certificates)
+    return ProxyService(Service(), factory, Clock(), config)
 
 
 class MetricsTests(SynchronousTestCase):
@@ -122,7 +142,8 @@ class MetricsTests(SynchronousTestCase):
     def test_plain_clients(self) -> None:
         """Under --client there is no handshake to fail."""
         relay = Accepting(Limits()).factory.wrappedFactory
-        self.metrics.watch("https", LimitedPlainFactory(relay, Clock(), Limits()))
+        plain = LimitedPlainFactory(relay, Clock(), Limits())
+        self.metrics.watch("https", watched(plain, certificates=None))
         self.metrics.observe(FAILED)
         self.assertIsNone(
             self.sample(
@@ -139,7 +160,7 @@ class MetricsTests(SynchronousTestCase):
     def test_live_counts(self) -> None:
         """Live, accepted and refused connections are read when scraped."""
         accepting = Accepting(Limits(total=1))
-        self.metrics.watch("https", accepting.factory)
+        self.metrics.watch("https", watched(accepting.factory))
         first = accepting.accept("192.0.2.1")
         accepting.accept("192.0.2.2")
         self.assertEqual(self.sample("tlsproxy_connections_live", service="https"), 1)
@@ -151,6 +172,24 @@ class MetricsTests(SynchronousTestCase):
         )
         accepting.close(first)
         self.assertEqual(self.sample("tlsproxy_connections_live", service="https"), 0)
+
+    def test_reload_failures(self) -> None:
+        """Each reload that kept the old certificates is counted."""
+        service = watched(Accepting(Limits()).factory)
+        self.metrics.watch("https", service)
+        name = "tlsproxy_reload_failures_total"
+        self.assertEqual(self.sample(name, service="https"), 0)
+        service.reload_failures += 2
+        self.assertEqual(self.sample(name, service="https"), 2)
+
+    def test_only_its_path(self) -> None:
+        """Any other path than /metrics is not found, and shows nothing."""
+        self.metrics.observe(CLOSE)
+        for path in [[b""], [b"metrics", b""], [b"x"], [b"metrics", b"x"]]:
+            request = DummyRequest(path)
+            body = self.metrics.page().render(request)
+            self.assertEqual(request.responseCode, 404)
+            self.assertNotIn(b"tlsproxy_", body)
 
     def test_page(self) -> None:
         """The page is Prometheus' text format."""
@@ -180,6 +219,27 @@ class OptionTests(SynchronousTestCase):
         self.assertIn(options.metrics.observe, options.observers)
         top = tap.makeService(options)
         self.assertEqual(len(list(top)), 2)  # type: ignore[call-overload]
+
+    def test_beyond_loopback(self) -> None:
+        """
+        Metrics on every interface, or on one that is not loopback, are
+        warned about at start-up; on loopback (or a UNIX socket), not.
+        """
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for endpoint, warned in [
+            ("tcp:9100", True),
+            ("tcp:9100:interface=10.0.0.3", True),
+            ("tcp:9100:interface=localhost", True),
+            ("tcp:9100:interface=127.0.0.1", False),
+            ("tcp6:9100:interface=\\:\\:1", False),
+            ("unix:/run/metrics.sock", False),
+        ]:
+            del events[:]
+            tap.makeService(self.parse("--metrics", endpoint))
+            said = [e for e in events if e.get("endpoint") == endpoint]
+            self.assertEqual(len(said), warned, endpoint)
 
     def test_none(self) -> None:
         """Without --metrics there are none."""

@@ -466,3 +466,44 @@ class MoreFaultTests(TestCase):
         self.assertEqual(status, 200)
         line = proxy.wait_for_closes(3)[-1]
         self.assertIn("from 203.0.113.9:4711", line)
+
+    def test_hostile_proxy_headers(self) -> None:
+        """
+        Headers whose fields are not addresses and ports (a line break and a
+        forged log line, terminal escapes, ports out of range or not
+        numbers, bytes that are not UTF-8, cut-short v2 addresses) each end
+        their connection, logged as one line each, with no traceback.
+        """
+        backend = start_http_backend(self)
+        proxy = TwistdProxy(
+            temp_dir(self),
+            [
+                "--listen",
+                f"haproxy:tcp:0:interface={HOST}",
+                "--connect",
+                f"tcp:{HOST}:{backend.port}",
+                "--self-signed",
+                "localhost",
+            ],
+        )
+        self.addCleanup(proxy.stop)
+        v2 = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11"
+        headers = [
+            b"PROXY TCP4 1.2.3.4\nFORGED line 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 \x1b[31m1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 99999999 -7\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 abc 443\r\n",
+            b"PROXY TCP6 \xff\xfe::1 ::2 1 2\r\n",
+            b"PROXY TCP6 fe80::1%\x1b[0m ::2 1 2\r\n",
+            v2 + b"\x00\x04" + b"\x01\x02\x03\x04",
+        ]
+        for header in headers:
+            with socket.create_connection((HOST, proxy.port), timeout=20) as sock:
+                sock.sendall(header)
+                wait_for_end(sock)
+        proxy.wait_for_log(r"closed: no valid PROXY header", len(headers))
+        log = proxy.log_text()
+        self.assertNotIn("\x1b", log)
+        self.assertFalse(
+            [line for line in log.splitlines() if line.startswith("FORGED")], log
+        )

@@ -1,25 +1,26 @@
 """
-PROXY protocol headers, checked byte by byte and against Twisted's own
-parsers.
+PROXY protocol headers, sent (checked byte by byte, and read back) and
+received (every field checked).
 """
 
 from __future__ import annotations
 
 import struct
-from ipaddress import ip_address
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy import tap
-from tlsproxy.proxyheader import V2_SIGNATURE, no_header, v1, v2
+from tlsproxy.peer import Proxied
+from tlsproxy.proxyheader import V2_SIGNATURE, Addresses, no_header, parse, v1, v2
 from tlsproxy.record import ConnectionRecord
+from tlsproxy.service import behind_balancer
 
-from .memory import Pair
+from .memory import Pair, Recorder
 
 IPV4 = ConnectionRecord(
     event="open",
@@ -59,6 +60,16 @@ def v2_parts(header: bytes) -> tuple[int, bytes, dict[int, bytes]]:
     return family, header[16 : 16 + size], tlvs(header[16 + size :])
 
 
+def read(header: bytes) -> Addresses:
+    """The addresses of a whole C{header}, which L{parse} must take whole."""
+    parsed = parse(header)
+    assert parsed is not None
+    length, addresses = parsed
+    assert length == len(header)
+    assert addresses is not None
+    return addresses
+
+
 class V1Tests(SynchronousTestCase):
     """The text header."""
 
@@ -66,59 +77,128 @@ class V1Tests(SynchronousTestCase):
         """IPv4: the spec's exact line, which Twisted parses back."""
         header = v1(IPV4)
         self.assertEqual(header, b"PROXY TCP4 192.0.2.7 10.0.0.3 50123 443\r\n")
-        info = V1Parser.parse(header[:-2])
-        self.assertEqual(info.source, IPv4Address("TCP", "192.0.2.7", 50123))
-        self.assertEqual(info.destination, IPv4Address("TCP", "10.0.0.3", 443))
+        self.assertEqual(
+            read(header),
+            (
+                IPv4Address("TCP", "192.0.2.7", 50123),
+                IPv4Address("TCP", "10.0.0.3", 443),
+            ),
+        )
 
     def test_ipv6(self) -> None:
         """IPv6 addresses give a TCP6 line."""
         header = v1(IPV6)
         self.assertEqual(header, b"PROXY TCP6 2001:db8::7 2001:db8::3 50123 443\r\n")
-        info = V1Parser.parse(header[:-2])
-        self.assertEqual(info.source, IPv6Address("TCP", "2001:db8::7", 50123))
+        self.assertEqual(read(header)[0], IPv6Address("TCP", "2001:db8::7", 50123))
 
     def test_unknown(self) -> None:
         """A client without an IP address (a UNIX socket) is UNKNOWN."""
-        # The spec's minimal form, as HAProxy sends it.  (Twisted's V1Parser
-        # wrongly wants more after "UNKNOWN"; mod_remoteip accepts it.)
+        # The spec's minimal form, as HAProxy sends it.
         self.assertEqual(v1(UNIX), b"PROXY UNKNOWN\r\n")
+        self.assertEqual(parse(v1(UNIX)), (15, None))
 
     def test_scoped_ipv6(self) -> None:
         """A link-local client's scope (%eth0) has no place in the header."""
         scoped = attrs.evolve(IPV6, client_host="fe80::1%eth0")
         self.assertEqual(v1(scoped), b"PROXY TCP6 fe80::1 2001:db8::3 50123 443\r\n")
-        source = V2Parser.parse(v2(scoped)).source
-        assert isinstance(source, IPv6Address)
-        self.assertEqual(ip_address(source.host), ip_address("fe80::1"))
+        self.assertEqual(read(v2(scoped))[0], IPv6Address("TCP", "fe80::1", 50123))
 
     def test_mixed_families(self) -> None:
         """An IPv4 client on an IPv6 listener cannot be said in one line."""
         mixed = attrs.evolve(IPV4, listen_host="2001:db8::3")
         self.assertEqual(v1(mixed), b"PROXY UNKNOWN\r\n")
 
+    def test_ports_out_of_range(self) -> None:
+        """Ports that are not 0 to 65535 are not sent: UNKNOWN, AF_UNSPEC."""
+        for ports in [(99999999, 443), (-7, 443), (50123, None), (None, None)]:
+            record = attrs.evolve(IPV4, client_port=ports[0], listen_port=ports[1])
+            self.assertEqual(v1(record), b"PROXY UNKNOWN\r\n")
+            self.assertEqual(v2_parts(v2(record))[:2], (0x00, b""))
+
+
+class ParseTests(SynchronousTestCase):
+    """
+    A front balancer's header: read whole, every field checked, or refused.
+    """
+
+    def test_whole_or_not_yet(self) -> None:
+        """Until the header is whole, nothing; then its length, the rest aside."""
+        for header in [v1(IPV4), v1(IPV6), v2(IPV4), v2(IPV6)]:
+            for cut in range(len(header)):
+                self.assertIsNone(parse(header[:cut]), (header, cut))
+            self.assertEqual(parse(header + b"\x16\x03\x01")[0], len(header))
+
+    def test_no_addresses(self) -> None:
+        """UNKNOWN, LOCAL and other families: the connection's own addresses."""
+        local = V2_SIGNATURE + b"\x20\x00\x00\x00"
+        unix = V2_SIGNATURE + b"\x21\x31\x00\xd8" + b"\x00" * 216
+        for header in [b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN 1 2 3 4\r\n", local, unix]:
+            self.assertEqual(parse(header), (len(header), None), header)
+
+    def test_refused(self) -> None:
+        """
+        A field that is not what its place says ends it: no address, an
+        address of the other family or with a scope, a port out of range or
+        not a number, bytes that are not ASCII, a v2 command or family block
+        it does not have.
+        """
+        for header in [
+            b"GET / HTTP/1.1\r\n",
+            b"\x16\x03\x01\x02\x00",
+            b"PROXY TCP4 1.2.3.4\nFORGED 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 \x1b[31m1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 99999999 -7\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 abc 443\r\n",
+            b"PROXY TCP4 ::1 ::2 1 2\r\n",
+            b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP6 \xff\xfe::1 ::2 1 2\r\n",
+            b"PROXY TCP6 fe80::1%eth0 ::2 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2" + b" " * 100 + b"\r\n",
+            V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12,
+            V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\x00" * 12,
+            V2_SIGNATURE + b"\x21\x11\x00\x04" + b"\x00" * 4,
+            V2_SIGNATURE + b"\x21\x21\x00\x0c" + b"\x00" * 12,
+        ]:
+            with self.assertRaises(ValueError, msg=header):
+                parse(header)
+
+    def test_v1_longest(self) -> None:
+        """107 bytes with no CRLF is no v1 header; 106 may still become one."""
+        self.assertIsNone(parse(b"PROXY " + b"x" * 100))
+        self.assertRaises(ValueError, parse, b"PROXY " + b"x" * 101)
+
 
 class V2Tests(SynchronousTestCase):
     """The binary header and its TLVs."""
 
     def test_ipv4(self) -> None:
-        """IPv4 addresses and ports, as Twisted reads them."""
+        """IPv4 addresses and ports, read back."""
         header = v2(IPV4)
         self.assertEqual(v2_parts(header)[0], 0x11)
-        info = V2Parser.parse(header)
-        self.assertEqual(info.source, IPv4Address("TCP", "192.0.2.7", 50123))
-        self.assertEqual(info.destination, IPv4Address("TCP", "10.0.0.3", 443))
+        self.assertEqual(
+            read(header),
+            (
+                IPv4Address("TCP", "192.0.2.7", 50123),
+                IPv4Address("TCP", "10.0.0.3", 443),
+            ),
+        )
 
     def test_ipv6(self) -> None:
-        """IPv6 addresses and ports, as Twisted reads them."""
+        """IPv6 addresses and ports, read back."""
         header = v2(IPV6)
         self.assertEqual(v2_parts(header)[0], 0x21)
-        info = V2Parser.parse(header)
-        source, destination = info.source, info.destination
-        assert isinstance(source, IPv6Address)
-        assert isinstance(destination, IPv6Address)
-        self.assertEqual(ip_address(source.host), ip_address("2001:db8::7"))
-        self.assertEqual(ip_address(destination.host), ip_address("2001:db8::3"))
-        self.assertEqual((source.port, destination.port), (50123, 443))
+        self.assertEqual(
+            read(header),
+            (
+                IPv6Address("TCP", "2001:db8::7", 50123),
+                IPv6Address("TCP", "2001:db8::3", 443),
+            ),
+        )
 
     def test_unspecified(self) -> None:
         """Without IP addresses the family is UNSPEC; the TLVs still follow."""
@@ -126,7 +206,7 @@ class V2Tests(SynchronousTestCase):
         family, addresses, found = v2_parts(header)
         self.assertEqual((family, addresses), (0x00, b""))
         self.assertEqual(found[0x05], IPV4.id.encode())
-        self.assertIsNone(V2Parser.parse(header).source)
+        self.assertEqual(parse(header), (len(header), None))
 
     def test_tlvs(self) -> None:
         """ALPN, AUTHORITY (SNI), UNIQUE_ID and SSL carry the TLS facts."""
@@ -150,6 +230,13 @@ class V2Tests(SynchronousTestCase):
         client, verify = struct.unpack("!BI", ssl[:5])
         self.assertEqual((client, verify), (0x07, 0))
         self.assertEqual(tlvs(ssl[5:])[0x22], b"client-1")
+
+    def test_huge_values_left_out(self) -> None:
+        """A value over 1 KiB has no TLV: the header's length stays 16 bits."""
+        huge = attrs.evolve(IPV4, sni="x" * 1025, client_cn="y" * 70000)
+        _, _, found = v2_parts(v2(huge))
+        self.assertNotIn(0x02, found)
+        self.assertNotIn(0x22, tlvs(found[0x20][5:]))
 
     def test_absent_values_left_out(self) -> None:
         """A fact the connection does not have (no SNI, no ALPN) has no TLV."""
@@ -231,6 +318,37 @@ class BalancerTests(SynchronousTestCase):
         [record] = pair.records
         self.assertEqual(record.reason, "no valid PROXY header")
         self.assertEqual((record.client_host, record.balancer_host), ("192.0.2.7",) * 2)
+        self.assertEqual(pair.endpoint.attempts, [])
+
+    def test_header_in_pieces(self) -> None:
+        """
+        A header that comes a byte at a time is read whole; the bytes after
+        it reach the protocol above, and only they.
+        """
+        header = b"PROXY TCP4 203.0.113.9 198.51.100.1 4711 443\r\n"
+        balancer = IPv4Address("TCP", "192.0.2.7", 50123)
+        protocol = behind_balancer(Factory.forProtocol(Recorder)).buildProtocol(
+            balancer
+        )
+        transport = StringTransport(peerAddress=balancer)
+        protocol.makeConnection(transport)
+        for byte in header + b"hello":
+            protocol.dataReceived(bytes([byte]))
+        self.assertEqual(protocol.wrappedProtocol.data, b"hello")
+        self.assertEqual(
+            protocol.getPeer(),
+            Proxied(IPv4Address("TCP", "203.0.113.9", 4711), balancer),
+        )
+        self.assertEqual(protocol.getHost(), IPv4Address("TCP", "198.51.100.1", 443))
+        self.assertFalse(transport.disconnecting)
+
+    def test_hostile_header(self) -> None:
+        """A header with a field out of place aborts, recorded as such."""
+        pair = Pair(balancer=b"PROXY TCP4 1.2.3.4\nX 5.6.7.8 1 2\r\n")
+        pair.flush()
+        [record] = pair.records
+        self.assertEqual(record.reason, "no valid PROXY header")
+        self.assertTrue(pair.server_io.aborted)
         self.assertEqual(pair.endpoint.attempts, [])
 
     def test_not_behind_balancer(self) -> None:

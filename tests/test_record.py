@@ -8,7 +8,8 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.record import ConnectionRecord, fan_out, host_port, log_close
+from tlsproxy.peer import host_port
+from tlsproxy.record import ConnectionRecord, fan_out, log_close
 
 
 class HostPortTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -175,26 +176,24 @@ class ReloadTests(TestCase):
         self.reload(proxy, "reload failed.*No such file or directory", 1)
         self.assertEqual(fingerprint(proxy.port, self.ca), second)
         self.assertTrue(proxy.running())
-        errors = [line for line in proxy.log_text().splitlines() if "reload" in line]
-        self.assertEqual(len(errors), 3, errors)
+        lines = proxy.log_text().splitlines()
+        said = [line for line in lines if re.search("reloaded|reload failed", line)]
+        self.assertEqual(len(said), 3, lines)
 
     def test_resumption(self) -> None:
         """
-        Sessions resume (TLS 1.2 and 1.3, s_client -sess_in); after a reload
-        fresh sessions do.
+        TLS 1.3 sessions resume (s_client -sess_in); after a reload fresh
+        sessions do.  (TLS 1.2 sessions never resume: see README.rst.)
         """
         port = self.proxy.port
-        for version in ("-tls1_2", "-tls1_3"):
-            session = str(self.dir / f"session{version}.pem")
-            new = s_client(port, version, "-sess_out", session)
-            self.assertIn("New, TLSv1.", new)
-            reused = s_client(port, version, "-sess_in", session)
-            self.assertIn("Reused, TLSv1.", reused, version)
-            self.assertIn(" 200 OK", reused)
+        session = str(self.dir / "session.pem")
+        new = s_client(port, "-tls1_3", "-sess_out", session)
+        self.assertIn("New, TLSv1.", new)
+        reused = s_client(port, "-tls1_3", "-sess_in", session)
+        self.assertIn("Reused, TLSv1.", reused)
+        self.assertIn(" 200 OK", reused)
         self.reload(self.proxy, "certificates reloaded", 1)
-        for version in ("-tls1_2", "-tls1_3"):
-            session = str(self.dir / f"session{version}.pem")
-            self.assertIn("New, TLSv1.", s_client(port, version, "-sess_in", session))
-            s_client(port, version, "-sess_out", session)
-            reused = s_client(port, version, "-sess_in", session)
-            self.assertIn("Reused, TLSv1.", reused, version)
+        self.assertIn("New, TLSv1.", s_client(port, "-tls1_3", "-sess_in", session))
+        s_client(port, "-tls1_3", "-sess_out", session)
+        reused = s_client(port, "-tls1_3", "-sess_in", session)
+        self.assertIn("Reused, TLSv1.", reused)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
@@ -15,8 +14,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorCore, IReactorThreads, ITCPTransport
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.protocols import policies
-from twisted.protocols import tls as twisted_tls
+from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer, providedBy
@@ -31,10 +29,15 @@ from tlsproxy.service import (
     Limits,
     ProxyConfig,
     ProxyService,
-    ServerTLSProtocol,
     SharedLimit,
 )
-from tlsproxy.tls import Certificates, ConfigError, Credentials, ServerConnection
+from tlsproxy.tls import (
+    Certificates,
+    ConfigError,
+    Credentials,
+    ServerConnection,
+    TLSProtocol,
+)
 
 from .memory import CA, Endpoint, Transport, leaf_certificates
 
@@ -78,31 +81,23 @@ class Accepting:
 
 
 class ProtocolTests(SynchronousTestCase):
-    """The TLS protocol's start, cheaper than Twisted's and the same."""
+    """The TLS protocol each accepted connection gets."""
 
-    def test_declared_once(self) -> None:
+    def test_shipped_protocol(self) -> None:
         """
-        The protocol provides what its transport provides, declared in one
-        step (Twisted's own takes one per interface, each building a zope
-        declaration); the relay is connected and the handshake awaits the
-        client's hello.
+        It is Twisted's buffering TLS transport (small writes aggregated),
+        with the answers' flow control (L{TLSProtocol}); it provides what its
+        transport provides; the relay is connected and the handshake awaits
+        the client's hello.
         """
-        calls: list[object] = []
-        for module in (twisted_tls, policies):
-            real = module.directlyProvides
-
-            def counted(*args: object, real: Callable[..., None] = real) -> None:
-                calls.append(args)
-                real(*args)
-
-            self.patch(module, "directlyProvides", counted)
         accepting = Accepting(Limits())
         transport = accepting.accept("192.0.2.1")
         protocol = transport.protocol
-        self.assertEqual(len(calls), 1)
+        self.assertIsInstance(protocol, TLSProtocol)
+        self.assertIsInstance(protocol, BufferingTLSTransport)
         self.assertTrue(ITCPTransport.providedBy(protocol))
         self.assertLessEqual(set(providedBy(transport)), set(providedBy(protocol)))
-        self.assertIsInstance(protocol.wrappedProtocol.transport, ServerTLSProtocol)
+        self.assertIs(protocol.wrappedProtocol.transport, protocol)
         self.assertEqual(transport.stream, [])  # (a server speaks second)
         self.assertEqual(list(accepting.factory.protocols), [protocol])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import sys
 
 import trustme
@@ -15,6 +16,7 @@ from cryptography import x509
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.peer import server_name
 from tlsproxy.tls import (
     UNKNOWN_NAME,
     Certificates,
@@ -48,14 +50,15 @@ def client_context() -> SSL.Context:
 CLIENT = client_context()
 
 
-def handshake(
+def handshake_pair(
     context: SSL.Context,
     name: bytes | None = None,
     session: SSL.Session | None = None,
-) -> SSL.Connection:
+) -> tuple[SSL.Connection, SSL.Connection]:
     """
     A TLS 1.2 handshake with a server on C{context}, sending the SNI C{name}
-    (if any) and offering C{session} (if any); the client's end.
+    (if any) and offering C{session} (if any); the client's end and the
+    server's.
 
     @raise SSL.Error: the client's handshake failed.
     """
@@ -79,6 +82,47 @@ def handshake(
                 # The server failed: the client is still sent its alert.
             with contextlib.suppress(SSL.WantReadError):  # (nothing to send)
                 other.bio_write(this.bio_read(1 << 16))
+    return client, server
+
+
+def handshake(
+    context: SSL.Context,
+    name: bytes | None = None,
+    session: SSL.Session | None = None,
+) -> SSL.Connection:
+    """L{handshake_pair}'s client end."""
+    return handshake_pair(context, name, session)[0]
+
+
+STDLIB = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+STDLIB.check_hostname = False
+STDLIB.verify_mode = ssl.CERT_NONE
+STDLIB.minimum_version = ssl.TLSVersion.TLSv1_3
+
+
+def tls13(
+    context: SSL.Context, name: str = "a.test", session: ssl.SSLSession | None = None
+) -> ssl.SSLObject:
+    """
+    A TLS 1.3 handshake with a server on C{context} by Python's own client
+    (which can tell whether it resumed), offering C{session}, and the
+    session tickets that follow it read; the client's end.
+    """
+    server = SSL.Connection(context, None)
+    server.set_accept_state()
+    into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = STDLIB.wrap_bio(into, out, server_hostname=name, session=session)
+    for _ in range(4):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.do_handshake()
+        if out.pending:
+            server.bio_write(out.read())
+        with contextlib.suppress(SSL.Error):  # (refused: an alert for the client)
+            server.do_handshake()
+        with contextlib.suppress(SSL.WantReadError):
+            into.write(server.bio_read(1 << 16))
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.read()  # (the session tickets)
     return client
 
 
@@ -120,9 +164,18 @@ class ChoiceTests(SynchronousTestCase):
         self.assertEqual(served(context, b"y.x.w.test"), "a.test")
         self.assertEqual(served(context, b"w.test"), "a.test")
 
-    def test_case_and_final_dot(self) -> None:
-        """Names compare without case and without a final dot."""
-        self.assertEqual(served(certificates(A, B).context, b"B.Test."), "b.test")
+    def test_case(self) -> None:
+        """Names compare without case."""
+        self.assertEqual(served(certificates(A, B).context, b"B.Test"), "b.test")
+
+    def test_not_host_names(self) -> None:
+        """
+        A name that is not a host name (a final dot, an empty label, a
+        literal wildcard) is served no certificate of its own.
+        """
+        context = certificates(A, B, WILD).context
+        for name in [b"b.test.", b"b.test..", b".b.test", b"*.w.test", b"b\n.test"]:
+            self.assertEqual(served(context, name), "a.test", name)
 
     def test_first_given_wins(self) -> None:
         """Of two certificates for one name, the first given is served."""
@@ -159,6 +212,17 @@ class StrictTests(SynchronousTestCase):
         self.assertIn("unrecognized name", str(caught.exception))
         self.assertEqual(self.hooked, [])
         self.assertIs(sys.excepthook, self.hook)
+
+    def test_not_host_names_refused(self) -> None:
+        """
+        A name that is not a host name is refused, however close it is to a
+        served one.
+        """
+        context = certificates(A, WILD, strict=True).context
+        for name in [b"a.test.", b"a.test...", b".w.test", b"*.w.test", b"a..test"]:
+            with self.assertRaises(SSL.Error, msg=name) as caught:
+                handshake(context, name)
+            self.assertIn("unrecognized name", str(caught.exception))
 
     def test_known_and_no_name(self) -> None:
         """Known names and clients without SNI are served as usual."""
@@ -285,15 +349,65 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(served(self.certificates.context), "a.test")
 
     def test_resumption(self) -> None:
-        """A session resumes until the ticket keys rotate, then not."""
-        first = handshake(self.certificates.context)
-        again = handshake(self.certificates.context, session=first.get_session())
-        self.assertTrue(resumed(again, first))
+        """A TLS 1.3 session resumes until the ticket keys rotate, then not."""
+        first = tls13(self.certificates.context)
+        again = tls13(self.certificates.context, session=first.session)
+        self.assertTrue(again.session_reused)
         self.certificates.rotate()
-        stale = handshake(self.certificates.context, session=first.get_session())
-        self.assertFalse(resumed(stale, first))
-        fresh = handshake(self.certificates.context, session=stale.get_session())
-        self.assertTrue(resumed(fresh, stale))
+        stale = tls13(self.certificates.context, session=first.session)
+        self.assertFalse(stale.session_reused)
+        fresh = tls13(self.certificates.context, session=stale.session)
+        self.assertTrue(fresh.session_reused)
+
+
+class ResumptionTests(SynchronousTestCase):
+    """
+    TLS 1.2 sessions never resume: on a TLS 1.2 resumption OpenSSL reports
+    the session's server name, not the one the client sent, so neither
+    --sni-strict nor the record could judge the name sent.
+    """
+
+    def setUp(self) -> None:
+        self.patch(sys, "excepthook", lambda *info: None)
+
+    def test_strict_judges_the_name_sent(self) -> None:
+        """
+        A TLS 1.2 session made for a served name, or with no name, offered
+        (by ticket and by session ID) with an unknown name is refused.
+        """
+        context = certificates(A, B, strict=True).context
+        for made_for in [b"a.test", None]:
+            session = handshake(context, made_for).get_session()
+            assert session is not None
+            with self.assertRaises(SSL.Error, msg=made_for) as caught:
+                handshake(context, b"evil.invalid", session)
+            self.assertIn("unrecognized name", str(caught.exception))
+
+    def test_name_sent_recorded(self) -> None:
+        """
+        Offered with another name, a TLS 1.2 session is not resumed, and
+        the server name read is the one sent.
+        """
+        context = certificates(A, B).context
+        first = handshake(context, b"a.test")
+        client, server = handshake_pair(context, b"b.test", first.get_session())
+        self.assertFalse(resumed(client, first))
+        self.assertEqual(server_name(server), "b.test")
+
+    def test_same_name_not_resumed(self) -> None:
+        """Even with the same name, a TLS 1.2 session is not resumed."""
+        context = certificates(A).context
+        first = handshake(context, b"a.test")
+        again = handshake(context, b"a.test", first.get_session())
+        self.assertFalse(resumed(again, first))
+
+    def test_tls13_resumes_under_strict(self) -> None:
+        """TLS 1.3 sessions resume; an unknown name is still refused."""
+        context = certificates(A, B, strict=True).context
+        first = tls13(context, "a.test")
+        self.assertTrue(tls13(context, "b.test", first.session).session_reused)
+        with self.assertRaises(ssl.SSLError):
+            tls13(context, "evil.invalid", first.session)
 
 
 class RecordTests(SynchronousTestCase):

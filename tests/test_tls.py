@@ -10,8 +10,17 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.peer import client_identity
+from tlsproxy.proxyheader import (
+    PP2_SUBTYPE_SSL_CN,
+    PP2_TYPE_SSL,
+    HeaderEncoder,
+    no_header,
+    v2,
+)
 from tlsproxy.tls import (
     ANY_CERTIFICATE,
     AllowList,
@@ -21,11 +30,12 @@ from tlsproxy.tls import (
     from_files,
     load_certificates,
     load_client_cas,
+    load_key,
     self_signed,
-    subject_and_cn,
 )
 
-from .memory import CA, Pair
+from .memory import CA, LEAF, Pair
+from .test_proxyheader import tlvs, v2_parts
 
 
 class FilesTests(SynchronousTestCase):
@@ -259,20 +269,28 @@ class ClientCertificateTests(SynchronousTestCase):
         self.ca = x509.load_pem_x509_certificate(CA.cert_pem.bytes())
         self.certificate, self.key_pem = client_certificate(self.ca)
 
-    def pair(self, allow: AllowList = ANY_CERTIFICATE, present: bool = True) -> Pair:
+    def pair(
+        self,
+        allow: AllowList = ANY_CERTIFICATE,
+        present: bool = True,
+        certificate: tuple[x509.Certificate, bytes] | None = None,
+        header: HeaderEncoder = no_header,
+    ) -> Pair:
         from twisted.internet.ssl import PrivateCertificate
 
+        presented, key_pem = certificate or (self.certificate, self.key_pem)
         options = {}
         if present:
             options["clientCertificate"] = PrivateCertificate.loadPEM(
-                self.certificate.public_bytes(serialization.Encoding.PEM) + self.key_pem
+                presented.public_bytes(serialization.Encoding.PEM) + key_pem
             )
-        pair = Pair(client_cas=(self.ca,), allow=allow, **options)
+        pair = Pair(client_cas=(self.ca,), allow=allow, header=header, **options)
         pair.flush()
         return pair
 
     def test_allow_lists(self) -> None:
         """Any listed CN, OU, DNS or URI name lets the certificate in."""
+        identity = client_identity(self.certificate)
         for allow in [
             ANY_CERTIFICATE,
             AllowList(cn=frozenset({"other", "client-1"})),
@@ -280,18 +298,49 @@ class ClientCertificateTests(SynchronousTestCase):
             AllowList(dns=frozenset({"client.example"})),
             AllowList(uri=frozenset({"spiffe://example/client"})),
         ]:
-            self.assertIsNone(allow.refusal(self.certificate), allow)
+            self.assertIsNone(allow.refusal(identity), allow)
         refused = AllowList(cn=frozenset({"other"}), dns=frozenset({"x.example"}))
-        self.assertEqual(
-            refused.refusal(self.certificate), "client certificate not allowed"
-        )
+        self.assertEqual(refused.refusal(identity), "client certificate not allowed")
         self.assertEqual(refused.refusal(None), "client certificate not allowed")
         self.assertIsNone(ANY_CERTIFICATE.refusal(None))
 
     def test_no_alternative_names(self) -> None:
         """A certificate without subjectAltName is judged by its subject."""
-        bare = x509.load_pem_x509_certificate(self_signed_pem("bare"))
+        bare = client_identity(x509.load_pem_x509_certificate(self_signed_pem("bare")))
         self.assertIsNone(AllowList(cn=frozenset({"bare"})).refusal(bare))
+
+    def test_two_cns_not_allowed(self) -> None:
+        """
+        A certificate with two CNs has no CN: C{--allow-cn} of either does
+        not let it in, and neither is recorded (the CN checked is the CN
+        forwarded).
+        """
+        two = client_certificate(self.ca, "admin", "alice")
+        for cn in ["alice", "admin"]:
+            pair = self.pair(AllowList(cn=frozenset({cn})), certificate=two)
+            [record] = pair.records
+            self.assertEqual(record.reason, "client certificate not allowed")
+            self.assertIsNone(record.client_cn)
+            self.assertIn("CN=alice", record.client_cert)
+            self.assertEqual(pair.endpoint.attempts, [])
+
+    def test_two_cns_no_cn_forwarded(self) -> None:
+        """
+        Let in by another name, a certificate with two CNs, or with a CN
+        that holds control characters, sends the backend no CN in PROXY v2.
+        """
+        for cns in [("admin", "alice"), ("alice\r\nX-Admin: 1",), ("\x1b[31m",)]:
+            pair = self.pair(
+                AllowList(ou=frozenset({"ops"})),
+                certificate=client_certificate(self.ca, *cns),
+                header=v2,
+            )
+            pair.connect_backend()
+            pair.flush()
+            self.assertIsNone(pair.records[0].client_cn)
+            ssl = v2_parts(pair.backend.data)[2][PP2_TYPE_SSL]
+            self.assertNotIn(PP2_SUBTYPE_SSL_CN, tlvs(ssl[5:]))
+            self.assertNotIn(cns[-1].encode(), pair.backend.data)
 
     def test_signed_client_let_in(self) -> None:
         """A client with a certificate the CA signed reaches the backend."""
@@ -301,19 +350,6 @@ class ClientCertificateTests(SynchronousTestCase):
         self.assertEqual(record.client_cert, self.certificate.subject.rfc4514_string())
         self.assertIn("CN=client-1", record.client_cert)
         self.assertEqual(record.client_cn, "client-1")
-
-    def test_subject_without_cn(self) -> None:
-        """A subject without a CN has a subject but no CN."""
-        from cryptography.x509.oid import NameOID
-
-        certificate = x509.load_pem_x509_certificate(self_signed_pem("bare"))
-        bare = certificate.subject.rfc4514_string()
-        self.assertEqual(subject_and_cn(certificate), (bare, "bare"))
-        self.assertEqual(subject_and_cn(None), (None, None))
-        no_cn = x509.load_pem_x509_certificate(
-            self_signed_pem("x", NameOID.ORGANIZATIONAL_UNIT_NAME)
-        )
-        self.assertEqual(subject_and_cn(no_cn), ("OU=x", None))
 
     def test_not_allowed(self) -> None:
         """A signed certificate that no --allow-* lists is closed and logged."""
@@ -347,6 +383,32 @@ class ClientCertificateTests(SynchronousTestCase):
         )
 
 
+class KeyModeTests(SynchronousTestCase):
+    """A private key file others can read is named in a warning, and used."""
+
+    def test_modes(self) -> None:
+        """Group or others able to read it: a warning; the owner alone: none."""
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        path = self.mktemp()
+        LEAF.private_key_pem.write_to_path(path)
+        for mode, warned in [
+            (0o644, True),
+            (0o640, True),
+            (0o604, True),
+            (0o600, False),
+        ]:
+            del events[:]
+            os.chmod(path, mode)
+            self.assertIsNotNone(load_key(path))
+            said = [e for e in events if e.get("path") == path]
+            self.assertEqual(len(said), warned, oct(mode))
+            if warned:
+                self.assertEqual(said[0]["mode"], mode)
+                self.assertEqual(said[0]["log_level"].name, "warn")
+
+
 def self_signed_pem(name: str, oid: x509.ObjectIdentifier | None = None) -> bytes:
     """A self-signed certificate for CN=name (or OID=name), no subjectAltName."""
     import datetime
@@ -370,10 +432,13 @@ def self_signed_pem(name: str, oid: x509.ObjectIdentifier | None = None) -> byte
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def client_certificate(ca: x509.Certificate) -> tuple[x509.Certificate, bytes]:
+def client_certificate(
+    ca: x509.Certificate, *cns: str
+) -> tuple[x509.Certificate, bytes]:
     """
-    A client certificate that the test CA signed: CN client-1, OU ops, DNS
-    client.example, URI spiffe://example/client; and its key, in PEM.
+    A client certificate that the test CA signed: CN client-1 (or C{cns}, in
+    that order), OU ops, DNS client.example, URI spiffe://example/client;
+    and its key, in PEM.
     """
     import datetime
 
@@ -383,14 +448,12 @@ def client_certificate(ca: x509.Certificate) -> tuple[x509.Certificate, bytes]:
     ca_key = serialization.load_pem_private_key(CA.private_key_pem.bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in cns or ["client-1"]]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(
             x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, "client-1"),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ops"),
-                ]
+                [*names, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ops")]
             )
         )
         .issuer_name(ca.subject)

@@ -14,8 +14,14 @@ C{send-proxy} does with C{ssl}.
 
 from __future__ import annotations
 
+import ipaddress
+
 from OpenSSL import SSL, crypto
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import _parse, clientFromString
 from twisted.internet.interfaces import (
@@ -27,19 +33,12 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    TLSVersion,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from .tls import load_cas, openssl_reasons
+from .tls import CountingConnection, TLSProtocol, load_cas, openssl_reasons
 
 TLS_PREFIX = "tls:"
 
@@ -62,30 +61,25 @@ def host_of(connect: str) -> str:
     return str(kwargs.get("host") or args[1])
 
 
-def load_backend_cas(path: str) -> list[Certificate]:
-    """
-    The certificates of the PEM file C{path}, given by C{--backend-ca}.
-
-    @raise ConfigError: the file cannot be read or holds no certificate.
-    """
-    cas = load_cas("--backend-ca", path)
-    return [Certificate(crypto.X509.from_cryptography(c)) for c in cas]
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class BackendTLS:
     """
     What a TLS backend must prove: a certificate for C{host} (a DNS name or
     an IP address) from a CA in C{ca_path} (C{--backend-ca}), or from the
-    platform's trust when C{None}.  The client offers TLS 1.2 or later and
-    no ALPN.  Each connection starts with the trust current then.
+    platform's trust when C{None}.  The client offers TLS 1.2 or later, SNI
+    (for a name) and no ALPN.  Each connection starts with the trust
+    current then.
     """
 
     def __init__(self, host: str, ca_path: str | None = None) -> None:
         """@raise ConfigError: C{ca_path} cannot be read or has no certificate."""
         self.host = host
         self.ca_path = ca_path
-        self._creator = self._load()
+        try:
+            self._address: str | None = str(ipaddress.ip_address(host))
+        except ValueError:
+            self._address = None
+        self._context = self._load()
 
     def reload(self) -> None:
         """
@@ -97,42 +91,49 @@ class BackendTLS:
             certificate; the trust in use stays.
         """
         if self.ca_path is not None:
-            self._creator = self._load()
+            self._context = self._load()
 
-    def _load(self) -> IOpenSSLClientConnectionCreator:
-        trust = (
-            platformTrust()
-            if self.ca_path is None
-            else trustRootFromCertificates(load_backend_cas(self.ca_path))
-        )
-        creator = optionsForClientTLS(
-            self.host,
-            trust,
-            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
-        )
-        # Twisted makes the OpenSSL context, which reads the platform's CA
-        # file, at the first connection: make it now, before the chroot.
-        warm = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Protocol))
-        creator.clientConnectionForTLS(warm.buildProtocol(None))
-        return creator
+    def _load(self) -> SSL.Context:
+        """A client context that verifies the chain (the name: L{verify})."""
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        context.set_verify(SSL.VERIFY_PEER)
+        if self.ca_path is None:
+            context.set_default_verify_paths()  # (read now, before the chroot)
+        else:
+            store = context.get_cert_store()
+            assert store is not None
+            for ca in load_cas("--backend-ca", self.ca_path):
+                store.add_cert(crypto.X509.from_cryptography(ca))
+        return context
 
     def clientConnectionForTLS(
         self, tls_protocol: TLSMemoryBIOProtocol
     ) -> SSL.Connection:
-        return self._creator.clientConnectionForTLS(tls_protocol)
+        connection = CountingConnection(self._context, None)
+        if self._address is None:
+            connection.set_tlsext_host_name(self.host.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+    def verify(self, connection: SSL.Connection) -> None:
+        """
+        Check that the verified certificate of C{connection} is for C{host}.
+
+        @raise VerificationError: it is not.
+        @raise CertificateError: it names no host at all.
+        """
+        certificate = connection.get_peer_certificate(as_cryptography=True)
+        assert certificate is not None  # (verified: VERIFY_PEER)
+        if self._address is None:
+            verify_certificate_hostname(certificate, self.host)
+        else:
+            verify_certificate_ip_address(certificate, self._address)
 
 
 class BackendTLSError(Exception):
     """The backend's TLS handshake failed; C{str()} is one line why."""
-
-
-def _why(reason: Failure, host: str) -> Failure:
-    """A handshake's failure as a L{BackendTLSError} with a short reason."""
-    if reason.check(VerificationError):
-        return Failure(BackendTLSError(f"certificate is not for {host}"))
-    if reason.check(SSL.Error):
-        return Failure(BackendTLSError(openssl_reasons(reason.value)))  # type: ignore[arg-type]
-    return reason
 
 
 @implementer(IHandshakeListener)
@@ -141,16 +142,18 @@ class _Verifying(Protocol):
     Between the TLS layer and the relay's protocol, C{inner}.  C{inner} is
     connected at once, so that it can write in clear (under the TLS layer)
     before the ClientHello; C{ready} fires with it once the handshake has
-    verified the backend.  A loss before that errbacks C{ready}, with the
-    reason, and does not reach C{inner}; cancelling C{ready} aborts.
+    verified the backend, its chain and its name.  A loss before that
+    errbacks C{ready} with a L{BackendTLSError} and does not reach
+    C{inner}; cancelling C{ready} aborts.
     """
 
     transport: TLSMemoryBIOProtocol
 
-    def __init__(self, inner: IProtocol, host: str) -> None:
+    def __init__(self, inner: IProtocol, tls: BackendTLS) -> None:
         self._inner = inner
-        self._host = host
+        self._tls = tls
         self._verified = False
+        self._failure: Exception | None = None
         self.ready: Deferred[IProtocol] = Deferred(self._cancel)
 
     @override
@@ -158,6 +161,12 @@ class _Verifying(Protocol):
         self._inner.makeConnection(self.transport)
 
     def handshakeCompleted(self) -> None:
+        try:
+            self._tls.verify(self.transport.getHandle())
+        except (VerificationError, CertificateError):
+            self._failure = BackendTLSError(f"certificate is not for {self._tls.host}")
+            self.transport.abortConnection()
+            return
         self._verified = True
         self.ready.callback(self._inner)
 
@@ -170,10 +179,17 @@ class _Verifying(Protocol):
         if self._verified:
             self._inner.connectionLost(reason)
         elif not self.ready.called:  # (cancelled: already told)
-            self.ready.errback(_why(reason, self._host))
+            self.ready.errback(self._failure or _why(reason))
 
     def _cancel(self, ready: Deferred[IProtocol]) -> None:
         self.transport.abortConnection()
+
+
+def _why(reason: Failure) -> Failure:
+    """A handshake's failure as a L{BackendTLSError} with a short reason."""
+    if reason.check(SSL.Error):
+        return Failure(BackendTLSError(openssl_reasons(reason.value)))  # type: ignore[arg-type]
+    return reason
 
 
 class _VerifyingFactory(Factory):
@@ -181,15 +197,15 @@ class _VerifyingFactory(Factory):
 
     noisy = False
 
-    def __init__(self, factory: IProtocolFactory, host: str) -> None:
+    def __init__(self, factory: IProtocolFactory, tls: BackendTLS) -> None:
         self._factory = factory
-        self._host = host
+        self._tls = tls
 
     @override
     def buildProtocol(self, addr: object) -> _Verifying:
         inner = self._factory.buildProtocol(addr)  # type: ignore[arg-type]
         assert inner is not None
-        return _Verifying(inner, self._host)
+        return _Verifying(inner, self._tls)
 
 
 @implementer(IStreamClientEndpoint)
@@ -208,8 +224,9 @@ class TLSEndpoint:
         self._clock = clock
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        verifying = _VerifyingFactory(factory, self._tls.host)
+        verifying = _VerifyingFactory(factory, self._tls)
         tls = TLSMemoryBIOFactory(self._tls, True, verifying, self._clock)
+        tls.protocol = TLSProtocol
         return self._tcp.connect(tls).addCallback(_ready)
 
 

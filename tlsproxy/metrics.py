@@ -20,7 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .record import ConnectionRecord
-from .service import LimitedPlainFactory, LimitedTLSFactory
+from .service import ProxyService
+
+PATH = [b"metrics"]  # /metrics, as the request's path segments
 
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -33,12 +35,12 @@ def reason_kind(reason: str | None) -> str:
 class Metrics:
     """
     The metrics of one process: a record observer (L{observe}) and the live
-    counts of each service's listening factory (L{watch}).
+    counts and reload failures of each service (L{watch}).
     """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._services: dict[str, LimitedTLSFactory] = {}
+        self._services: dict[str, ProxyService] = {}
         self.registry.register(_Counts(self._services))
         self._closed = Counter(
             "tlsproxy_connections_closed",
@@ -73,9 +75,9 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch(self, service: str, tls: LimitedTLSFactory) -> None:
-        """Report C{service}'s live, accepted and refused connections."""
-        self._services[service] = tls
+    def watch(self, name: str, service: ProxyService) -> None:
+        """Report C{service}'s connections and failed reloads, as C{name}."""
+        self._services[name] = service
 
     def observe(self, record: ConnectionRecord) -> None:
         """Count a connection record."""
@@ -87,21 +89,22 @@ class Metrics:
         self._closed.labels(service, kind).inc()
         self._bytes.labels(service, "from_client").inc(record.bytes_from_client)
         self._bytes.labels(service, "to_client").inc(record.bytes_to_client)
+        watched = self._services.get(service)
         if record.handshake_time is not None:
             self._handshake.labels(service).observe(record.handshake_time)
-        elif not isinstance(self._services.get(service), LimitedPlainFactory):
+        elif watched is None or watched.config.certificates is not None:
             # (Under --client there is no handshake to fail.)
             self._handshake_failures.labels(service, kind).inc()
 
     def page(self) -> Resource:
-        """The HTTP resource that serves the metrics (any path)."""
+        """The HTTP resource that serves the metrics on L{PATH}, and only there."""
         return _Page(self.registry)
 
 
 class _Counts(Collector):
-    """Live, accepted and refused connections, read when scraped."""
+    """Live, accepted and refused connections and failed reloads, when scraped."""
 
-    def __init__(self, services: dict[str, LimitedTLSFactory]) -> None:
+    def __init__(self, services: dict[str, ProxyService]) -> None:
         self._services = services
 
     def collect(self) -> Iterator[Metric]:
@@ -118,11 +121,17 @@ class _Counts(Collector):
             "Connections closed at once: over a limit.",
             labels=["service"],
         )
-        for service, tls in self._services.items():
-            live.add_metric([service], len(tls.protocols))
-            accepted.add_metric([service], tls.accepted)
-            refused.add_metric([service], tls.refused)
-        yield from (live, accepted, refused)
+        reloads = CounterMetricFamily(
+            "tlsproxy_reload_failures",
+            "Reloads (SIGHUP) that kept the old certificates: a file was bad.",
+            labels=["service"],
+        )
+        for name, service in self._services.items():
+            live.add_metric([name], len(service.tls.protocols))
+            accepted.add_metric([name], service.tls.accepted)
+            refused.add_metric([name], service.tls.refused)
+            reloads.add_metric([name], service.reload_failures)
+        yield from (live, accepted, refused, reloads)
 
 
 class _Page(Resource):
@@ -133,5 +142,8 @@ class _Page(Resource):
         self._registry = registry
 
     def render_GET(self, request: Request) -> bytes:
+        if request.postpath != PATH:
+            request.setResponseCode(404)
+            return b"Not found: the metrics are at /metrics\n"
         request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
         return generate_latest(self._registry)

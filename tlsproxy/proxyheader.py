@@ -8,8 +8,11 @@ backend connects.
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Callable
+
+from twisted.internet.address import IPv4Address, IPv6Address
 
 from .record import ConnectionRecord
 
@@ -40,15 +43,19 @@ def _addresses(
 ) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     """
     The client's and the listening address, if both are IP addresses of the
-    same version; else none (a UNIX socket, say).  An IPv6 scope
-    (C{fe80::1%eth0}) is dropped: the header has no room for it.
+    same version, with ports from 0 to 65535; else none (a UNIX socket,
+    say).  An IPv6 scope (C{fe80::1%eth0}) is dropped: the header has no
+    room for it.
     """
+    ports = (record.client_port, record.listen_port)
     try:
         pair = tuple(
             ipaddress.ip_address((host or "").partition("%")[0])
             for host in (record.client_host, record.listen_host)
         )
     except ValueError:
+        return ()
+    if not all(isinstance(p, int) and 0 <= p <= 0xFFFF for p in ports):
         return ()
     return pair if pair[0].version == pair[1].version else ()
 
@@ -66,9 +73,15 @@ def v1(record: ConnectionRecord) -> bytes:
 
 
 def _tlv(kind: int, value: str | bytes | None) -> bytes:
+    """
+    One type-length-value; none for no value, or for one over 1 KiB (what
+    enters is shorter: so the header's length always fits in 16 bits).
+    """
     if value is None:
         return b""
-    data = value.encode("utf-8") if isinstance(value, str) else value
+    data = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    if len(data) > 1024:
+        return b""
     return struct.pack("!BH", kind, len(data)) + data
 
 
@@ -109,3 +122,83 @@ def v2(record: ConnectionRecord) -> bytes:
 
 
 ENCODERS: dict[str, HeaderEncoder] = {"v1": v1, "v2": v2}
+
+
+# Receiving: the PROXY header a front balancer sends first (--listen haproxy:).
+
+_V1_MAX = 107  # the longest v1 line, CRLF included
+
+
+_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
+Addresses = tuple[IPv4Address | IPv6Address, IPv4Address | IPv6Address]
+
+
+def parse(data: bytes) -> tuple[int, Addresses | None] | None:
+    """
+    Read the PROXY header (v1 or v2) at the start of C{data}: C{None} while
+    it is not whole; then its length and the client's and the proxied
+    destination's addresses, or C{None} for addresses when the header has
+    none to give (v1 C{UNKNOWN}, v2 C{LOCAL}, or a family other than TCP
+    over IPv4 or IPv6): the connection's own addresses stand.  Every field
+    is checked: addresses are IP addresses of the family named, ports are
+    0 to 65535.
+
+    @raise ValueError: C{data} does not start with a valid header.
+    """
+    if data[:12] == V2_SIGNATURE[: len(data)]:
+        return _v2(data) if len(data) >= 16 else None
+    if data[:6] != b"PROXY "[: len(data)]:
+        raise ValueError("not a PROXY header")
+    end = data.find(b"\r\n", 0, _V1_MAX)
+    if end < 0:
+        if len(data) >= _V1_MAX:
+            raise ValueError("no CRLF in a v1 header")
+        return None
+    fields = data[6:end].split(b" ")
+    if fields[0] == b"UNKNOWN":
+        return end + 2, None
+    kind = {b"TCP4": IPv4Address, b"TCP6": IPv6Address}.get(fields[0])
+    if kind is None or len(fields) != 5:
+        raise ValueError("not a v1 TCP4, TCP6 or UNKNOWN line")
+    hosts, ports = fields[1:3], fields[3:]
+    if not all(_PORT.fullmatch(p) and int(p) <= 0xFFFF for p in ports):
+        raise ValueError("not a port")
+    if any(b"%" in h for h in hosts):
+        raise ValueError("a scoped address")  # (the scope could be any text)
+    source, destination = (h.decode() for h in hosts)
+    return end + 2, _pair(kind, source, destination, int(ports[0]), int(ports[1]))
+
+
+def _v2(data: bytes) -> tuple[int, Addresses | None] | None:
+    version_command, family, length = struct.unpack("!BBH", data[12:16])
+    if version_command not in (0x20, _V2_PROXY):
+        raise ValueError("not a v2 LOCAL or PROXY command")
+    if len(data) < 16 + length:
+        return None
+    body = data[16 : 16 + length]
+    kind = {0x11: IPv4Address, 0x21: IPv6Address}.get(family)
+    if version_command == 0x20 or kind is None:
+        return 16 + length, None
+    size = 4 if kind is IPv4Address else 16
+    if length < 2 * size + 4:
+        raise ValueError("addresses cut short")
+    ports = struct.unpack("!HH", body[2 * size : 2 * size + 4])
+    return 16 + length, _pair(kind, body[:size], body[size : 2 * size], *ports)
+
+
+def _pair(
+    kind: type[IPv4Address | IPv6Address],
+    source: str | bytes,
+    destination: str | bytes,
+    source_port: int,
+    destination_port: int,
+) -> Addresses:
+    """Twisted's addresses for what a header gives, its IP addresses checked."""
+    version = 4 if kind is IPv4Address else 6
+    hosts = [ipaddress.ip_address(h) for h in (source, destination)]
+    if any(h.version != version for h in hosts):
+        raise ValueError("not an address of the family named")
+    return (
+        kind("TCP", str(hosts[0]), source_port),
+        kind("TCP", str(hosts[1]), destination_port),
+    )

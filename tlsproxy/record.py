@@ -7,12 +7,12 @@ The field names are an interface (see README.rst, "Connection records").
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
+
+from .peer import printable
 
 
 @attrs.frozen(kw_only=True)
@@ -65,18 +65,9 @@ def fan_out(observers: list[RecordObserver]) -> RecordObserver:
     return observe
 
 
-def host_port(address: IAddress | None) -> tuple[str | None, int | None]:
-    """
-    The host and port of an address; a UNIX socket has its path as host and
-    no port, and an unnamed one has neither.
-    """
-    port = getattr(address, "port", None)
-    host = getattr(address, "host", getattr(address, "name", None))
-    return (None if host is None else os.fsdecode(host)), port
-
-
 def _endpoint(host: str | None, port: int | None) -> str:
-    return "-" if host is None else f"{host}:{port}"
+    """C{host:port}; a UNIX socket's path alone; C{-} for none."""
+    return "-" if host is None else host if port is None else f"{host}:{port}"
 
 
 _log = Logger(namespace="tlsproxy")
@@ -88,17 +79,18 @@ def log_close(record: ConnectionRecord) -> None:
     stunnel does: who, through which local address, to where, why it ended,
     and the bytes each way.  (Made here, in one f-string: a format string
     with every field costs Twisted's logger 2.7 times as much, and this runs
-    for every connection.  The fields are in the connection log.)
+    for every connection.  The fields are in the connection log.)  A
+    control character (in a UNIX socket's path, say) is escaped: one record,
+    one line.
     """
     if record.event == "close":
         client = _endpoint(record.client_host, record.client_port)
         local = _endpoint(record.backend_local_host, record.backend_local_port)
         backend = _endpoint(record.backend_host, record.backend_port)
-        _log.info(
-            "{line}",
-            line=f"[{record.service}] {record.id} from {client} via {local} to"
+        line = (
+            f"[{record.service}] {record.id} from {client} via {local} to"
             f" {backend} closed: {record.reason}; {record.bytes_from_client} bytes"
             f" from client, {record.bytes_to_client} bytes to client in"
-            f" {record.duration:.3f} s",
-            service=record.service,
+            f" {record.duration:.3f} s"
         )
+        _log.info("{line}", line=printable(line), service=record.service)

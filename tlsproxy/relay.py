@@ -42,22 +42,22 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
 from .backend import BackendTLSError
-from .proxyheader import HeaderEncoder, no_header
-from .record import ConnectionRecord, RecordObserver, host_port
-from .tls import (
-    ANY_CERTIFICATE,
-    AllowList,
-    ServerConnection,
-    openssl_reasons,
-    subject_and_cn,
+from .peer import (
+    client_address,
+    client_identity,
+    host_port,
+    server_name,
+    without_header,
 )
+from .proxyheader import HeaderEncoder, no_header
+from .record import ConnectionRecord, RecordObserver
+from .tls import ANY_CERTIFICATE, AllowList, ServerConnection, openssl_reasons
 
 
 @attrs.frozen(kw_only=True)
@@ -201,16 +201,6 @@ def _no_delay(transport: object) -> None:
         transport.setTcpNoDelay(True)
 
 
-def _without_proxy_header(transport: TLSMemoryBIOProtocol) -> bool:
-    """
-    Whether C{transport} came through a front balancer (C{--listen
-    haproxy:...}) that sent no valid PROXY header: Twisted's wrapper then
-    closes the connection before TLS sees a byte.
-    """
-    below = transport.transport
-    return isinstance(below, HAProxyProtocolWrapper) and below._proxyInfo is None
-
-
 def _in_clear(transport: ITransport) -> ITransport:
     """Where bytes go unencrypted: under a TLS layer toward the backend, if any."""
     if isinstance(transport, TLSMemoryBIOProtocol):
@@ -316,17 +306,7 @@ class ClientSide(Protocol):
         in C{balancer_host}/C{balancer_port}.  (Unlike the listening
         address, the peers can still be read once the connection is lost.)
         """
-        client_host, client_port = host_port(self.transport.getPeer())
-        below = self.transport.transport
-        balancer: tuple[str | None, int | None] = (None, None)
-        if isinstance(below, HAProxyProtocolWrapper):
-            balancer = host_port(below.transport.getPeer())
-        self._facts.update(
-            client_host=client_host,
-            client_port=client_port,
-            balancer_host=balancer[0],
-            balancer_port=balancer[1],
-        )
+        self._facts.update(client_address(self.transport.getPeer()))
 
     def _arm(self, period: float, reason: str) -> None:
         self._period = period
@@ -340,18 +320,17 @@ class ClientSide(Protocol):
         handshake_done = self._relay.clock.seconds()
         self._note_addresses()
         tls = self.transport.getHandle()
-        certificate = tls.get_peer_certificate(as_cryptography=True)
-        subject, cn = subject_and_cn(certificate)
+        identity = client_identity(tls.get_peer_certificate(as_cryptography=True))
         self._facts.update(
             handshake_time=handshake_done - self._facts["opened"],
             tls_version=tls.get_protocol_version_name(),
             cipher=tls.get_cipher_name(),
-            sni=_text(tls.get_servername()),
+            sni=server_name(tls) or None,
             alpn=_text(tls.get_alpn_proto_negotiated()),
-            client_cert=subject,
-            client_cn=cn,
+            client_cert=identity and identity.subject,
+            client_cn=identity and identity.cn,
         )
-        refusal = self._relay.allow.refusal(certificate)
+        refusal = self._relay.allow.refusal(identity)
         if refusal is not None:
             self.abort(refusal)
             return
@@ -445,16 +424,14 @@ class ClientSide(Protocol):
         tls = _server_tls(self.transport)
         if tls is not None:
             # The name asked for, also when the handshake failed (for the log).
-            self._facts["sni"] = _text(tls.get_servername())
+            self._facts["sni"] = server_name(tls) or None
             refusal = tls.refusal  # (TLS's own reason, such as an SNI name)
             if tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
                 # Its close_notify came: a reset after it loses nothing.
                 reason = Failure(ConnectionDone())
-        self._note(
-            "no valid PROXY header"
-            if _without_proxy_header(self.transport)
-            else refusal or describe("client", reason)
-        )
+        if without_header(self.transport.getPeer()):
+            refusal = "no valid PROXY header"
+        self._note(refusal or describe("client", reason))
         self._side_closed()  # first, so that the backend sees the client gone
         if reason.check(ConnectionDone):
             # (A TLS layer toward the backend closes only without a producer.)

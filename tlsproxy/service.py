@@ -22,23 +22,24 @@ from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     IProtocol,
+    IProtocolFactory,
     IReactorCore,
     IReactorTCP2,
     IReactorTime,
-    ITransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.tcp import Port, makeBinding
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
 
 from .backend import BackendTLS, backend_endpoint
 from .eager import AtOnce
-from .proxyheader import HeaderEncoder, no_header
-from .record import RecordObserver, host_port, log_close
+from .peer import Proxied, host_port
+from .proxyheader import Addresses, HeaderEncoder, no_header, parse
+from .record import RecordObserver, log_close
 from .relay import ClientSide, RelayFactory, Timeouts
 from .steer import steer
 from .tls import (
@@ -48,6 +49,7 @@ from .tls import (
     ConfigError,
     ServerConnection,
     ServerTLS,
+    TLSProtocol,
 )
 
 _log = Logger(namespace="tlsproxy")
@@ -67,8 +69,37 @@ class Limits:
     drain: float = 10.0
 
 
-# The endpoints that a port number is bound for, by listenTCP.
-_TCP = re.compile("(haproxy:)?tcp6?:", re.IGNORECASE)
+BALANCED = "haproxy:"  # --listen haproxy:ENDPOINT: a PROXY header comes first
+_ANY = ("", "0.0.0.0", "::")  # the interfaces that are every interface
+
+
+def binds(description: str) -> tuple[str, str, str]:
+    """
+    What an endpoint string listens on, as far as two services could share
+    it: C{("tcp", port, interface)} for C{tcp:} and C{tcp6:} (C{haproxy:}
+    over them too), C{("unix", path, "")}, or the kind and the rest.
+    """
+    if description.lower().startswith(BALANCED):
+        description = description[len(BALANCED) :]
+    kind, _, rest = description.partition(":")
+    fields = [f.replace("\\:", ":") for f in re.split(r"(?<!\\):", rest)]
+    named = dict(f.split("=", 1) for f in fields if "=" in f)
+    plain = [f for f in fields if "=" not in f] + ["", ""]
+    kind = kind.lower()
+    if kind in ("tcp", "tcp6"):
+        return "tcp", named.get("port", plain[0]), named.get("interface", plain[1])
+    return kind, named.get("address", plain[0]) if kind == "unix" else rest, ""
+
+
+def overlap(one: str, other: str) -> bool:
+    """
+    Whether two endpoint strings listen on the same port (not 0: a free
+    one) of one interface, or the same path.
+    """
+    (kind, where, interface), (kind2, where2, interface2) = binds(one), binds(other)
+    return (kind, where) == (kind2, where2) != ("tcp", "0") and (
+        interface == interface2 or interface in _ANY or interface2 in _ANY
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -103,7 +134,7 @@ class ProxyConfig:
 
     @reuse_port.validator
     def _tcp_only(self, attribute: object, reuse: bool) -> None:
-        if reuse and not _TCP.match(self.listen):
+        if reuse and binds(self.listen)[0] != "tcp":
             raise ConfigError(
                 f"--reuse-port: not with --listen {self.listen}"
                 " (only tcp:, tcp6: and haproxy: over them)"
@@ -111,7 +142,7 @@ class ProxyConfig:
 
     @steer_clients.validator
     def _steered(self, attribute: object, processes: int) -> None:
-        balanced = self.listen.lower().startswith("haproxy:")
+        balanced = self.listen.lower().startswith(BALANCED)
         if processes and (balanced or not self.reuse_port):
             raise ConfigError(
                 f"--steer-clients {processes}: needs --reuse-port, and not"
@@ -147,6 +178,56 @@ class _ReusePort:
         return listening
 
 
+class _BehindBalancer(ProtocolWrapper):
+    """
+    A connection from a front balancer: its PROXY header is read (and
+    checked: L{tlsproxy.proxyheader.parse}) before any byte reaches the
+    protocol above, and gives the client's address (L{Proxied}) and the
+    destination's.  A connection whose first bytes are not a valid header
+    is aborted.
+    """
+
+    _addresses: Addresses | None = None
+    _header: bytes | None = b""  # what came so far; None once it is read
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._header is None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        self._header += data
+        try:
+            parsed = parse(self._header)
+        except ValueError:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if parsed is not None:
+            length, self._addresses = parsed
+            rest, self._header = self._header[length:], None
+            if rest:
+                self.wrappedProtocol.dataReceived(rest)
+
+    @override
+    def getPeer(self) -> IAddress:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        if self._header is not None:
+            return Proxied(None, peer)
+        return Proxied(peer if self._addresses is None else self._addresses[0], peer)
+
+    @override
+    def getHost(self) -> IAddress:
+        if self._addresses is None:
+            return self.transport.getHost()  # type: ignore[union-attr]
+        return self._addresses[1]
+
+
+def behind_balancer(factory: IProtocolFactory) -> WrappingFactory[ProtocolWrapper]:
+    """C{factory}, each of its connections read from after a PROXY header."""
+    wrapping = WrappingFactory(factory)
+    wrapping.protocol = _BehindBalancer
+    return wrapping
+
+
 class Reloadable(typing.Protocol):
     def reload(self) -> None: ...
 
@@ -174,28 +255,6 @@ class _Refused(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
 
-class ServerTLSProtocol(TLSMemoryBIOProtocol):
-    """
-    Twisted's server-side TLS protocol, less a cost per connection.
-
-    Twisted's C{makeConnection} declares the transport's interfaces on the
-    protocol one at a time, each step building (and then dropping) a zope
-    declaration, before declaring them all at once in
-    L{ProtocolWrapper.makeConnection}: about a tenth of the CPU of a resumed
-    handshake.  This is Twisted 26's method without the loop.  (Its other
-    branch, C{_connectWrapped} false, serves C{startTLS} on a connection
-    already made, which tlsproxy never calls.)  Every in-memory relay test
-    runs through this class.
-    """
-
-    @override
-    def makeConnection(self, transport: ITransport) -> None:
-        self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
-        ProtocolWrapper.makeConnection(self, transport)
-        self._checkHandshakeStatus()  # type: ignore[no-untyped-call]
-
-
 class LimitedTLSFactory(TLSMemoryBIOFactory):
     """
     Twisted's TLS factory, counting its live connections: past C{total}
@@ -204,7 +263,7 @@ class LimitedTLSFactory(TLSMemoryBIOFactory):
     the refusals are counted and logged once per C{report} seconds at most.
     """
 
-    protocol = ServerTLSProtocol
+    protocol = TLSProtocol
 
     def __init__(
         self,
@@ -322,6 +381,7 @@ class ProxyService(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         listening.setServiceParent(self)
         self.tls = tls
+        self.reload_failures = 0
         self.config = config
         self._clock = clock
         self._rotation = LoopingCall(self._rotate)
@@ -366,6 +426,7 @@ class ProxyService(MultiService):
                     service=self.config.service,
                     error=str(e),
                 )
+        self.reload_failures += failed
         if not failed:
             _log.info("{service}: certificates reloaded", service=self.config.service)
 
@@ -419,8 +480,11 @@ def proxy_service(
     tls = _client_factory(config, relay, clock, shared)
     reuse = config.reuse_port
     listener = _ReusePort(at_once, config.steer_clients) if reuse else at_once
+    listen, factory = config.listen, typing.cast(IProtocolFactory, tls)
+    if listen.lower().startswith(BALANCED):
+        listen, factory = listen[len(BALANCED) :], behind_balancer(tls)
     listening = strports.service(
-        config.listen, tls, reactor=typing.cast(IReactorCore, listener)
+        listen, factory, reactor=typing.cast(IReactorCore, listener)
     )
     return ProxyService(listening, tls, clock, config)
 

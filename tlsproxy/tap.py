@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import encodings.idna  # noqa: F401  (getaddrinfo needs it; not in a jail)
 import getopt
+import ipaddress
 import math
 import re
+import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -39,7 +41,15 @@ from .metrics import Metrics
 from .proxyheader import ENCODERS, HeaderEncoder, no_header
 from .record import RecordObserver, fan_out, log_close
 from .relay import Timeouts
-from .service import Limits, ProxyConfig, ProxyService, SharedLimit, proxy_service
+from .service import (
+    Limits,
+    ProxyConfig,
+    ProxyService,
+    SharedLimit,
+    binds,
+    overlap,
+    proxy_service,
+)
 from .tls import (
     TLS12_CIPHERS,
     AllowList,
@@ -79,6 +89,17 @@ def _count(option: str, text: str | None) -> float:
     if not re.fullmatch("0*[1-9][0-9]{0,17}", text):
         raise ConfigError(f"{option} {text}: must be a positive whole number")
     return int(text)
+
+
+def _descriptors() -> float:
+    """
+    The default C{--max-connections-total}: each connection takes two file
+    descriptors (client and backend), and 64 are kept for the listening
+    ports, the logs and the files a reload reads; so a process over its
+    limit refuses new clients instead of failing to accept or to connect.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return math.inf if soft == resource.RLIM_INFINITY else max(1, (soft - 64) // 2)
 
 
 def _processes(text: str | None) -> int:
@@ -121,7 +142,12 @@ class Options(usage.Options):
         ["proxy-protocol", None, None, "Send a PROXY header to the backend: v1|v2."],
         ["max-connections", None, None, "Live connections at most [default: any]."],
         ["max-connections-per-client", None, None, "From one address at most."],
-        ["max-connections-total", None, None, "Live connections of all services."],
+        [
+            "max-connections-total",
+            None,
+            None,
+            "Live connections of all services [default: half the descriptors].",
+        ],
         ["drain-timeout", None, "10", "Seconds for live connections on SIGTERM."],
         ["metrics", None, None, "Serve Prometheus metrics on this endpoint."],
         ["alpn", None, "", "ALPN protocols to offer, e.g. http/1.1 [default: none]."],
@@ -185,8 +211,11 @@ class Options(usage.Options):
     @override
     def postOptions(self) -> None:
         try:
-            self.total = _count(
-                "--max-connections-total", self["max-connections-total"]
+            total = self["max-connections-total"]
+            self.total = (
+                _descriptors()
+                if total is None
+                else _count("--max-connections-total", total)
             )
             if self["config"] is None:
                 self.config = self._config()
@@ -333,13 +362,28 @@ def _services(top: Options) -> list[Options]:
     if top["metrics"] is not None:
         _endpoint("--metrics", top["metrics"], serverFromString)
         top.metrics = Metrics()
-    services = []
+    services: list[Options] = []
     for name, options in read_services(path, Options, PROCESS_WIDE):
         options.config = attrs.evolve(options.config, service=name)
+        listen = options.config.listen
+        for earlier in services:
+            if overlap(listen, earlier.config.listen):
+                raise ConfigError(
+                    f"{path} [{name}] listen: {listen}: the port of"
+                    f" [{earlier.config.service}] ({earlier.config.listen})"
+                )
         if top.metrics is not None:
             options.observers.append(top.metrics.observe)
         services.append(options)
     return services
+
+
+def _loopback(interface: str) -> bool:
+    """Whether C{interface} (an IP address, or empty: all) is a loopback one."""
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 class StartupError(Exception):
@@ -456,8 +500,15 @@ def makeService(options: Options) -> IService:
         top.add(service, f"{where} {config.listen}")
         top.proxies.append(Proxy(config=config, service=service))
         if metrics is not None:
-            metrics.watch(config.service, service.tls)
+            metrics.watch(config.service, service)
     if metrics is not None:
+        kind, _, interface = binds(options["metrics"])
+        if kind == "tcp" and not _loopback(interface):
+            _log.warn(
+                "--metrics {endpoint}: listening beyond loopback; anyone who"
+                " reaches it sees the services and their counts",
+                endpoint=options["metrics"],
+            )
         page = strports.service(options["metrics"], Site(metrics.page()), reactor)
         top.add(page, f"--metrics {options['metrics']}")
     return top

@@ -15,6 +15,7 @@ import functools
 import glob
 import ipaddress
 import os
+import stat
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -32,9 +33,13 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL._util import make_assert
 from OpenSSL.SSL import _NoOverlappingProtocols  # (its type, for mypy)
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IPushProducer
+from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from typing_extensions import override
 from zope.interface import implementer
+
+from .peer import ClientIdentity, server_name
 
 # TLS 1.2 suites: forward-secret (ECDHE) and AEAD only, strongest first.
 # TLS 1.3 suites are all forward-secret AEAD; OpenSSL's defaults stand.
@@ -48,6 +53,8 @@ TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-AES128-GCM-SHA256",
     ]
 )
+
+_log = Logger(namespace="tlsproxy")
 
 _OPTIONS = (
     SSL.OP_NO_COMPRESSION
@@ -94,6 +101,14 @@ def load_key(path: str) -> PrivateKeyTypes:
     @raise ConfigError: the file cannot be read or holds no usable key.
     """
     data = _read("--key", path)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o044:
+        _log.warn(
+            "--key {path}: mode {mode:04o}: group or others can read the"
+            " private key (chmod 600 it)",
+            path=path,
+            mode=mode,
+        )
     try:
         return load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
@@ -158,8 +173,11 @@ def server_context(
     # Always a callback, so that a client's ALPN offer never fails the
     # handshake (Twisted 26.10's own contexts abort it, see DESIGN.md).
     context.set_alpn_select_callback(functools.partial(_choose_protocol, policy.alpn))
+    # TLS 1.3 resumes by session tickets; TLS 1.2 never resumes (no session
+    # cache; no ticket, see _choose_certificate): on a TLS 1.2 resumption
+    # OpenSSL reports the session's server name, not the one the client sent.
     context.set_session_id(b"tlsproxy")
-    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.use_certificate(chain[0])
     for extra in chain[1:]:
         context.add_extra_chain_cert(extra)
@@ -207,15 +225,16 @@ class AllowList:
     """
     Which client certificates are let in, as ghostunnel's C{--allow-*}: one
     with any of these subject CNs or OUs, or subjectAltName DNS names or
-    URIs.  With no entry at all, any certificate the CA signed.
+    URIs (see L{tlsproxy.peer.ClientIdentity}: a certificate with several
+    CNs has none).  With no entry at all, any certificate the CA signed.
     """
 
     cn: frozenset[str] = frozenset()
     ou: frozenset[str] = frozenset()
     dns: frozenset[str] = frozenset()
     uri: frozenset[str] = frozenset()
-    # The same, as the (kind, name) pairs that _names gives: made once here,
-    # not for every handshake.
+    # The same, as the (kind, name) pairs of ClientIdentity.names: made once
+    # here, not for every handshake.
     _wanted: frozenset[tuple[str, str]] = attrs.field(init=False, eq=False)
 
     @_wanted.default
@@ -223,9 +242,9 @@ class AllowList:
         kinds = {"cn": self.cn, "ou": self.ou, "dns": self.dns, "uri": self.uri}
         return frozenset((k, name) for k, names in kinds.items() for name in names)
 
-    def refusal(self, certificate: x509.Certificate | None) -> str | None:
-        """Why C{certificate} is not let in, or C{None} if it is."""
-        if not self._wanted or self._wanted & _names(certificate):
+    def refusal(self, identity: ClientIdentity | None) -> str | None:
+        """Why the client of C{identity} is not let in, or C{None} if it is."""
+        if not self._wanted or (identity and self._wanted & identity.names):
             return None
         return "client certificate not allowed"
 
@@ -233,35 +252,7 @@ class AllowList:
 ANY_CERTIFICATE = AllowList()
 
 
-def subject_and_cn(
-    certificate: x509.Certificate | None,
-) -> tuple[str | None, str | None]:
-    """A client certificate's subject (as RFC 4514 writes it) and first CN."""
-    if certificate is None:
-        return None, None
-    cns = certificate.subject.get_attributes_for_oid(_CN)
-    return certificate.subject.rfc4514_string(), (str(cns[0].value) if cns else None)
-
-
-_CN, _OU = NameOID.COMMON_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME
-
-
-def _names(certificate: x509.Certificate | None) -> set[tuple[str, str]]:
-    """The names of C{certificate} that an L{AllowList} can list."""
-    if certificate is None:
-        return set()
-    subject = certificate.subject
-    names = {("cn", str(a.value)) for a in subject.get_attributes_for_oid(_CN)}
-    names |= {("ou", str(a.value)) for a in subject.get_attributes_for_oid(_OU)}
-    try:
-        alternative = certificate.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value
-    except x509.ExtensionNotFound:
-        return names
-    names |= {("dns", n) for n in alternative.get_values_for_type(x509.DNSName)}
-    uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
-    return names | {("uri", n) for n in uris}
+_CN = NameOID.COMMON_NAME
 
 
 @attrs.frozen
@@ -390,14 +381,17 @@ def _choose_certificate(
     """
     Serve the certificate for the client's SNI name: one that names it, or
     else one with a wildcard for its parent domain.  With no SNI name, the
-    default; with a name no certificate serves, the default, or in
-    C{strict} mode the C{unrecognized_name} alert (hitch's
-    C{sni-nomatch-abort}).
+    default; with a name no certificate serves (or one that is not a host
+    name), the default, or in C{strict} mode the C{unrecognized_name} alert
+    (hitch's C{sni-nomatch-abort}).  OpenSSL calls this for every
+    ClientHello, so it is also where a TLS 1.2 connection is denied a
+    session ticket.
     """
-    sent = connection.get_servername()
-    if sent is None:
+    if connection.get_protocol_version() < SSL.TLS1_3_VERSION:
+        connection.set_options(SSL.OP_NO_TICKET)
+    name = server_name(connection)
+    if name is None:
         return
-    name = sent.decode("ascii", "replace").lower().rstrip(".")
     parent = name.partition(".")[2]
     context = by_name.get(name) or by_name.get(f"*.{parent}")
     if context is not None:
@@ -574,7 +568,98 @@ class ServerTLS:
 _made = make_assert(SSL.Error)  # (pyOpenSSL's check that OpenSSL allocated)
 
 
-class ServerConnection(SSL.Connection):
+class CountingConnection(SSL.Connection):
+    """An OpenSSL connection that counts the bytes TLS gives its transport."""
+
+    written = 0
+
+    @override
+    def bio_read(self, bufsiz: int) -> bytes:
+        data = super().bio_read(bufsiz)
+        self.written += len(data)
+        return data
+
+
+@implementer(IPushProducer)
+@attrs.frozen
+class _Drain:
+    """
+    The producer that a L{TLSProtocol} registers with its transport for the
+    one the layer above gives: the transport's buffer is full while it is
+    paused.
+    """
+
+    tls: TLSProtocol
+    above: IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.tls.full = True
+        self.above.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.tls.drained()
+        self.above.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.above.stopProducing()
+
+
+class TLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS protocol, which stops reading from its peer while what
+    TLS itself answers to that peer's bytes (a KeyUpdate that asks for one,
+    an alert) cannot be sent: the transport's buffer is full.  So however
+    the peer sends, the layer holds at most one read's answers beyond the
+    buffer.  The layer above pauses and resumes reading as before; the
+    transport reads while neither it nor an answer holds it.  (The buffer's
+    state is known while the layer above has a producer registered, which
+    is all the time that bytes are relayed.)  It needs a
+    L{CountingConnection}.
+    """
+
+    full = False  # the transport's buffer is full
+    _held = False  # by the layer above
+    _answering = False  # answers wait in the full buffer
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        connection: CountingConnection = self.getHandle()  # type: ignore[no-untyped-call]
+        before = connection.written
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        if self.full and connection.written != before:
+            self._answering = True
+            self._reading()
+
+    def drained(self) -> None:
+        """The transport's buffer is no longer full."""
+        self.full = self._answering = False
+        self._reading()
+
+    def pauseProducing(self) -> None:
+        self._held = True
+        self._reading()
+
+    def resumeProducing(self) -> None:
+        self._held = False
+        self._reading()
+
+    def _reading(self) -> None:
+        if self._held or self._answering:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        else:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    @override
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        super().registerProducer(_Drain(self, producer), streaming)  # type: ignore[no-untyped-call]
+
+    @override
+    def unregisterProducer(self) -> None:
+        super().unregisterProducer()  # type: ignore[no-untyped-call]
+        self.drained()
+
+
+class ServerConnection(CountingConnection):
     """
     An accepted connection, which can tell why TLS refused it, if it did,
     and give back its buffers when they are empty.

@@ -1,0 +1,136 @@
+"""
+What a client presents, read in one place: its certificate's identity and
+the server name it sent.  The allow list, the connection record and the
+PROXY header all use these answers; nothing else reads a certificate or an
+SNI name.  Every value here is checked on entry: what reaches a log or a
+backend is printable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IAddress
+from zope.interface import implementer
+
+_CN_MOST = 64  # characters in a CN, at most (RFC 5280's ub-common-name)
+
+
+@attrs.frozen
+class ClientIdentity:
+    """
+    Who a client certificate says the client is: C{subject} as RFC 4514
+    writes it (control characters escaped), and C{cn}, the subject's common
+    name if it has exactly one, printable and of at most 64 characters,
+    else C{None}: a
+    certificate with two CNs (C{CN=admin, CN=alice}) has no CN, so that
+    the CN an allow list checks is always the CN that is logged and
+    forwarded.  C{names} are what an allow list matches: C{("cn", cn)}
+    and each OU, subjectAltName DNS name and URI.
+    """
+
+    subject: str
+    cn: str | None
+    names: frozenset[tuple[str, str]]
+
+
+def client_identity(certificate: x509.Certificate | None) -> ClientIdentity | None:
+    """The identity of a client certificate, or C{None} without one."""
+    if certificate is None:
+        return None
+    subject = certificate.subject
+    cns = [str(a.value) for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    one = cns[0] if len(cns) == 1 else ""
+    cn = one if one.isprintable() and 0 < len(one) <= _CN_MOST else None
+    names = {("cn", cn)} if cn is not None else set()
+    ous = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    names |= {("ou", str(a.value)) for a in ous}
+    try:
+        alternative = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        names |= {("dns", n) for n in alternative.get_values_for_type(x509.DNSName)}
+        uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
+        names |= {("uri", n) for n in uris}
+    return ClientIdentity(printable(subject.rfc4514_string()), cn, frozenset(names))
+
+
+# A host name as RFC 6066 sends it: letters, digits, '-' and '_' in labels of
+# 1 to 63, joined by single dots, no trailing dot, 253 at most.
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*", re.A)
+
+
+def server_name(connection: SSL.Connection) -> str | None:
+    """
+    The server name the client sent, in lower case: C{None} if it sent
+    none, C{""} if what it sent is not a host name.  (On a TLS 1.2
+    resumption OpenSSL reports the session's name instead, so tlsproxy
+    never resumes TLS 1.2 sessions: see L{tlsproxy.tls}.)
+    """
+    sent = connection.get_servername()
+    if sent is None:
+        return None
+    name = sent.decode("ascii", "replace").lower()
+    return name if _HOST_NAME.fullmatch(name) else ""
+
+
+def printable(text: str) -> str:
+    """C{text} with line breaks and other control characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@implementer(IAddress)
+@attrs.frozen
+class Proxied:
+    """
+    A client's address behind a front balancer (C{--listen haproxy:...}):
+    the C{client}'s, as the balancer's PROXY header gives it (C{None} until
+    a valid header has come whole), and the C{balancer}'s own.
+    """
+
+    client: IAddress | None
+    balancer: IAddress
+
+
+def host_port(address: IAddress | None) -> tuple[str | None, int | None]:
+    """
+    The host and port of an address; a UNIX socket has its path as host and
+    no port, and an unnamed one has neither.
+    """
+    port = getattr(address, "port", None)
+    host = getattr(address, "host", getattr(address, "name", None))
+    return (None if host is None else os.fsdecode(host)), port
+
+
+def client_address(peer: IAddress) -> dict[str, str | int | None]:
+    """
+    The record's client fields for a connection's C{peer}: the client's
+    host and port, and a front balancer's (the client's, while its header
+    has not come).
+    """
+    client, balancer = peer, None
+    if isinstance(peer, Proxied):
+        client, balancer = peer.client or peer.balancer, peer.balancer
+    client_host, client_port = host_port(client)
+    balancer_host, balancer_port = host_port(balancer)
+    return {
+        "client_host": client_host,
+        "client_port": client_port,
+        "balancer_host": balancer_host,
+        "balancer_port": balancer_port,
+    }
+
+
+def without_header(peer: IAddress) -> bool:
+    """Whether C{peer} is behind a balancer that sent no valid PROXY header."""
+    return isinstance(peer, Proxied) and peer.client is None
