@@ -119,6 +119,13 @@ class Sink(Protocol):
         self.ended.callback(None)
 
 
+class Closing(Protocol):
+    """A backend that closes each connection at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 def expected_hash() -> str:
     h = hashlib.sha256()
     for _ in range(TOTAL // len(CHUNK)):
@@ -243,8 +250,22 @@ class BoundTests(TestCase):
         is no longer read from once the answers fill the buffer toward it:
         it cannot send 16 MB of them, and the proxy holds at most BOUND.
         """
+        yield self.flood_client(Protocol)
+
+    @inlineCallbacks
+    def test_key_update_flood_after_close(self) -> Generator[Any, Any, None]:
+        """
+        The same once the backend has closed and the proxy has sent its
+        close_notify (OpenSSL still answers), while it waits for the
+        client's.
+        """
+        yield self.flood_client(Closing)
+
+    @inlineCallbacks
+    def flood_client(self, backend: type[Protocol]) -> Generator[Any, Any, None]:
+        """A KeyUpdate flood from a client that never reads, to C{backend}."""
         loopback = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        backend_port = yield loopback.listen(Factory.forProtocol(Protocol))
+        backend_port = yield loopback.listen(Factory.forProtocol(backend))
         self.addCleanup(backend_port.stopListening)
         self.service = self.start(backend_port.getHost().port)
         sock = small_buffers(socket.socket())

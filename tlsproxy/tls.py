@@ -33,7 +33,11 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL._util import make_assert
 from OpenSSL.SSL import _NoOverlappingProtocols  # (its type, for mypy)
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IPushProducer
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IPushProducer,
+    ITransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from typing_extensions import override
@@ -581,45 +585,61 @@ class CountingConnection(SSL.Connection):
 
 
 @implementer(IPushProducer)
-@attrs.frozen
 class _Drain:
     """
-    The producer that a L{TLSProtocol} registers with its transport for the
-    one the layer above gives: the transport's buffer is full while it is
-    paused.
+    The producer a L{TLSProtocol} keeps registered with its transport from
+    the start: the transport's buffer is full while it is paused.  Pausing
+    and resuming pass on to the layer above's producer, if it has one.  A
+    transport that is closing waits for its producer to resume; then this
+    one steps aside, and the transport closes.
     """
 
-    tls: TLSProtocol
-    above: IPushProducer
+    def __init__(self, tls: TLSProtocol) -> None:
+        self.tls = tls
+        self.above: IPushProducer | None = None
 
     def pauseProducing(self) -> None:
         self.tls.full = True
-        self.above.pauseProducing()
+        if self.above is not None:
+            self.above.pauseProducing()
 
     def resumeProducing(self) -> None:
+        transport = self.tls.transport
+        if transport.disconnecting:  # type: ignore[union-attr]
+            transport.unregisterProducer()  # type: ignore[union-attr]
+            return
         self.tls.drained()
-        self.above.resumeProducing()
+        if self.above is not None:
+            self.above.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.above.stopProducing()
+        if self.above is not None:
+            self.above.stopProducing()
 
 
 class TLSProtocol(BufferingTLSTransport):
     """
     Twisted's TLS protocol, which stops reading from its peer while what
     TLS itself answers to that peer's bytes (a KeyUpdate that asks for one,
-    an alert) cannot be sent: the transport's buffer is full.  So however
-    the peer sends, the layer holds at most one read's answers beyond the
-    buffer.  The layer above pauses and resumes reading as before; the
-    transport reads while neither it nor an answer holds it.  (The buffer's
-    state is known while the layer above has a producer registered, which
-    is all the time that bytes are relayed.)  It needs a
+    an alert) waits in a full transport buffer: however the peer sends, the
+    layer holds at most one read's answers beyond the buffer, from the
+    handshake to the close (OpenSSL answers even after its close_notify).
+    The layer above pauses and resumes reading as before: the transport
+    reads while neither it nor an answer holds it.  The layer above's
+    producer is never the TLS layer's own, so that L{loseConnection} sends
+    close_notify at once, whatever is registered.  It needs a
     L{CountingConnection}.
     """
 
     full = False  # the transport's buffer is full
     _held = False  # by the layer above
     _answering = False  # answers wait in the full buffer
+
+    @override
+    def makeConnection(self, transport: ITransport) -> None:
+        self._drain = _Drain(self)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+        transport.registerProducer(self._drain, True)  # type: ignore[attr-defined]
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -651,12 +671,11 @@ class TLSProtocol(BufferingTLSTransport):
 
     @override
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        super().registerProducer(_Drain(self, producer), streaming)  # type: ignore[no-untyped-call]
+        self._drain.above = producer
 
     @override
     def unregisterProducer(self) -> None:
-        super().unregisterProducer()  # type: ignore[no-untyped-call]
-        self.drained()
+        self._drain.above = None
 
 
 class ServerConnection(CountingConnection):
