@@ -10,7 +10,10 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.peer import client_identity
@@ -26,7 +29,9 @@ from tlsproxy.tls import (
     AllowList,
     ConfigError,
     ServerConnection,
+    ServerTLS,
     TLSPolicy,
+    TLSProtocol,
     from_files,
     load_certificates,
     load_client_cas,
@@ -34,7 +39,7 @@ from tlsproxy.tls import (
     self_signed,
 )
 
-from .memory import CA, LEAF, Pair
+from .memory import CA, LEAF, Pair, leaf_certificates
 from .test_proxyheader import tlvs, v2_parts
 
 
@@ -381,6 +386,42 @@ class ClientCertificateTests(SynchronousTestCase):
         self.assertEqual(
             str(caught.exception), f"--client-ca {bad}: no PEM certificate found"
         )
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    The producer a TLSProtocol keeps with its transport tells when the
+    transport's buffer is full, and lets a closing transport close.
+    """
+
+    def connected(self) -> tuple[TLSProtocol, StringTransport]:
+        factory = TLSMemoryBIOFactory(
+            ServerTLS(leaf_certificates()), False, Factory.forProtocol(Protocol)
+        )
+        factory.protocol = TLSProtocol
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_full_and_drained(self) -> None:
+        """Paused: full; resumed: not, and reading goes on."""
+        protocol, transport = self.connected()
+        assert transport.producer is not None
+        transport.producer.pauseProducing()
+        self.assertTrue(protocol.full)
+        transport.producer.resumeProducing()
+        self.assertFalse(protocol.full)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_closing(self) -> None:
+        """A transport that closes while full gets rid of the producer."""
+        protocol, transport = self.connected()
+        assert transport.producer is not None
+        transport.producer.pauseProducing()
+        transport.disconnecting = True
+        transport.producer.resumeProducing()
+        self.assertIsNone(transport.producer)
 
 
 class KeyModeTests(SynchronousTestCase):
