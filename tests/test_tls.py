@@ -416,7 +416,7 @@ class DrainTests(SynchronousTestCase):
 
     def test_closing(self) -> None:
         """A transport that closes while full gets rid of the producer."""
-        protocol, transport = self.connected()
+        _, transport = self.connected()
         assert transport.producer is not None
         transport.producer.pauseProducing()
         transport.disconnecting = True
