@@ -4,11 +4,9 @@
 # (wrk -t2 -c50, 10 s) and full TLS 1.3 handshakes/s (2 openssl s_time -new
 # in parallel, 10 s; connections each counted once), then the resumption
 # check: one session saved, resumed by 20 new connections.
-# A third argument "steer" adds --steer-clients N.
 # Run from the project directory with its .venv: sh bench/cores.sh 2 5
 set -eu
-n=${1:-1} runs=${2:-3} steer=""
-[ "${3:-}" != steer ] || steer="--steer-clients $n"
+n=${1:-1} runs=${2:-3}
 py=.venv/bin/python twistd=.venv/bin/twistd port=18443
 dir=$(mktemp -d)
 pids=""
@@ -20,7 +18,7 @@ while [ ! -s "$dir/backend.port" ]; do sleep 0.1; done
 backend=$(cat "$dir/backend.port")
 for i in $(seq "$n"); do
     $twistd -n --pidfile "$dir/$i.pid" --logfile "$dir/$i.log" tlsproxy \
-        --reuse-port $steer --listen "tcp:$port:interface=127.0.0.1" \
+        --reuse-port --listen "tcp:$port:interface=127.0.0.1" \
         --connect "tcp:127.0.0.1:$backend" --self-signed localhost &
     pids="$pids $!"
 done
@@ -39,7 +37,7 @@ for r in $(seq "$runs"); do
     wait $st
     hs=$(cat "$dir"/s_time.* | sed -n 's/^\([0-9]*\) connections in \([0-9]*\) real.*/\1 \2/p' \
         | awk '{ c += $1; t = $2 } END { printf "%.0f", c / t }')
-    echo "processes $n $steer run $r: requests/s $rps, full handshakes/s $hs"
+    echo "processes $n run $r: requests/s $rps, full handshakes/s $hs"
 done
 
 # A session resumes only in the process that made it (its own cache and
@@ -56,7 +54,7 @@ for version in -tls1_2 -tls1_3; do
             reused=$((reused + 1))
         fi
     done
-    echo "processes $n $steer $version: one saved session resumed by $reused of 20 new connections"
+    echo "processes $n $version: one saved session resumed by $reused of 20 new connections"
 done
 for i in $(seq "$n"); do
     echo "process $i logged $(cat "$dir/$i.log"* | grep -c 'closed:') connection(s)"

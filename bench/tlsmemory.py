@@ -7,8 +7,9 @@ the one stunnel, hitch, HAProxy and nginx use here (through Python's ssl).
 
     python bench/tlsmemory.py [CERT KEY]
 
-Then the same after 64 KiB went to the client, kept as it is and after
-tlsproxy's ServerConnection.shed() (which the proxy runs every 10 s).
+Then the same after 64 KiB went to the client: an OpenSSL memory BIO keeps
+the largest buffer it held for the connection's life (tlsproxy no longer
+swaps it for a new one: pyOpenSSL has no public call for that).
 
 In memory: no sockets.  The client is Python's ssl (its key share: X25519,
 as openssl s_client's and the benchmark's); the last row's client is
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import gc
 import ssl
 import subprocess
@@ -29,8 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from OpenSSL import SSL
-
-from tlsproxy.tls import ServerConnection
 
 COUNT = 2000
 
@@ -102,8 +100,7 @@ class PyOpenSSLSide:
     """One end, in pyOpenSSL over the cryptography wheel's OpenSSL."""
 
     def __init__(self, context: SSL.Context, server: bool) -> None:
-        # A server end is tlsproxy's own class, which can shed().
-        self.tls = (ServerConnection if server else SSL.Connection)(context, None)
+        self.tls = SSL.Connection(context, None)
         (self.tls.set_accept_state if server else self.tls.set_connect_state)()
 
     def step(self) -> None:
@@ -140,14 +137,12 @@ def handshake(server: Side, client: Side) -> Side:
     return server
 
 
-def relayed(server: PyOpenSSLSide, client: StdlibSide, shed: bool) -> Side:
+def relayed(server: PyOpenSSLSide, client: StdlibSide) -> Side:
     """64 KiB sent to the client in 16 KiB records, as Twisted does; then idle."""
     for _ in range(4):
         server.tls.send(b"x" * 16384)
         client.give(server.take())
         client.drain()
-    if shed:
-        assert server.tls.shed(), "nothing shed"
     return server
 
 
@@ -200,17 +195,13 @@ def main() -> None:
         shown = "" if fresh != fresh else f"{fresh:.1f}"
         print(f"  {name:<48} {shown:>6} {done:>24.1f}")
 
-    def after(shed: bool) -> Side:
+    def after() -> Side:
         server, peer = PyOpenSSLSide(ours, True), StdlibSide(client, False)
         handshake(server, peer)
-        return relayed(server, peer, shed)
+        return relayed(server, peer)
 
     print("\nThe first row's, idle after 64 KiB sent in 16 KiB records:")
-    for name, shed in (
-        ("kept as it is", False),
-        ("after ServerConnection.shed()", True),
-    ):
-        print(f"  {name:<48} {per_object(functools.partial(after, shed)):>6.1f}")
+    print(f"  {'kept as it is':<48} {per_object(after):>6.1f}")
 
 
 def self_signed() -> tuple[str, str]:

@@ -27,23 +27,17 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from tlsproxy.backend import Backend, BackendTLS
+from tlsproxy.context import DEFAULT_POLICY, Certificates
+from tlsproxy.credentials import Credentials, Identity
+from tlsproxy.listen import LimitedTLSFactory, SharedLimit, behind_balancer_factory
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.service import behind_balancer
-from tlsproxy.tls import (
-    ANY_CERTIFICATE,
-    DEFAULT_POLICY,
-    AllowList,
-    Certificates,
-    Credentials,
-    Identity,
-    ServerTLS,
-    TLSPolicy,
-    TLSProtocol,
-)
+from tlsproxy.relay import RelayFactory
+from tlsproxy.values import AllowList, Limits, Timeouts, TLSPolicy
 
 DEFAULTS = Timeouts()
+ANY_CERTIFICATE = AllowList()
 CA = trustme.CA()
 LEAF = CA.issue_cert("localhost", "127.0.0.1")
 
@@ -176,6 +170,7 @@ class Pair:
         allow: AllowList = ANY_CERTIFICATE,
         client_cas: tuple[x509.Certificate, ...] = (),
         certificates: Certificates | None = None,
+        backend_tls: BackendTLS | None = None,
         **client_options: Any,
     ) -> None:
         """
@@ -187,7 +182,7 @@ class Pair:
         self.records: list[ConnectionRecord] = []
         self.endpoint = Endpoint()
         relay = RelayFactory(
-            connect=self.endpoint,
+            connect=Backend(self.endpoint, backend_tls, self.clock),
             clock=self.clock,
             observe=self.records.append,
             timeouts=timeouts,
@@ -195,13 +190,13 @@ class Pair:
             header=header,
             allow=allow,
         )
-        server_factory = TLSMemoryBIOFactory(
-            ServerTLS(certificates or leaf_certificates(policy, client_cas)),
-            False,
+        server_factory = LimitedTLSFactory(
+            certificates or leaf_certificates(policy, client_cas),
             relay,
             self.clock,
+            Limits(),
+            SharedLimit(),
         )
-        server_factory.protocol = TLSProtocol
         trust = trustRootFromCertificates(
             [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]
         )
@@ -213,7 +208,7 @@ class Pair:
         )
         listening = server_factory
         if balancer is not None:
-            listening = behind_balancer(server_factory)
+            listening = behind_balancer_factory(server_factory)
         self.server = listening.buildProtocol(self.CLIENT)
         self.client_tls = client_factory.buildProtocol(self.LISTEN)
         self.client: Recorder = self.client_tls.wrappedProtocol

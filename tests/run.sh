@@ -59,5 +59,8 @@ floors() {  # the in-memory tests on the oldest versions setup.cfg names
 }
 gate "the oldest versions setup.cfg allows" floors
 
+echo "The proxy's size (tests/size.py):"
+.venv/bin/python tests/size.py | tail -n 1
+
 echo "${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ]

@@ -20,27 +20,20 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy import tap
-from tlsproxy.backend import (
-    BackendTLS,
-    TLSEndpoint,
-    backend_endpoint,
-    client_from_string,
-    host_of,
-)
-from tlsproxy.proxyheader import v1
+from tlsproxy.backend import Backend, BackendTLS
+from tlsproxy.context import DEFAULT_POLICY, Certificates, ServerTLS
+from tlsproxy.endpoints import client_from_string, host_of
+from tlsproxy.listen import LimitedPlainFactory, SharedLimit
+from tlsproxy.proxyheader import no_header, v1
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.service import (
-    LimitedPlainFactory,
+from tlsproxy.relay import RelayFactory
+from tlsproxy.service import proxy_service
+from tlsproxy.values import (
+    AllowList,
+    ConfigError,
     Limits,
     ProxyConfig,
-    proxy_service,
-)
-from tlsproxy.tls import (
-    DEFAULT_POLICY,
-    Certificates,
-    ConfigError,
-    ServerTLS,
+    Timeouts,
     TLSPolicy,
 )
 
@@ -109,7 +102,7 @@ class TLSPair(Pair):
     def __init__(self, tls: BackendTLS, context: Certificates = GOOD, **kw: object):
         super().__init__(**kw)  # type: ignore[arg-type]
         relay = self.server.factory.wrappedFactory
-        relay.connect = TLSEndpoint(self.endpoint, tls, self.clock)
+        relay.connect = Backend(self.endpoint, tls, self.clock)
         self.tls_backend = TLSBackend(self.clock, context)
 
     def connect_backend(self) -> None:
@@ -188,16 +181,21 @@ class BackendTLSTests(SynchronousTestCase):
 
     def test_endpoints(self) -> None:
         """
-        A tls: endpoint is TCP with TLS on top (its options kept); a
+        A tls: endpoint is TCP (its options kept), with TLS on top; a
         backend_tls goes with a tls: endpoint and only with it.
         """
         reactor = MemoryReactorClock()
         tls = BackendTLS("h", pem_file(self, CA))
         plain = client_from_string(reactor, "tls:h:443:bindAddress=10.0.0.3")
         self.assertIsInstance(plain, TCP4ClientEndpoint)
-        self.assertIsInstance(backend_endpoint(reactor, "tls:h:443", tls), TLSEndpoint)
-        self.assertRaises(ValueError, backend_endpoint, reactor, "tls:h:443", None)
-        self.assertRaises(ValueError, backend_endpoint, reactor, "tcp:h:443", tls)
+        for backend, backend_tls in [("tls:h:443", None), ("tcp:h:443", tls)]:
+            with self.assertRaises(ConfigError):
+                ProxyConfig(
+                    listen="tcp:0",
+                    connect=backend,
+                    certificates=None,
+                    backend_tls=backend_tls,
+                )
 
 
 class TLSBackendRelayTests(SynchronousTestCase):
@@ -408,13 +406,16 @@ class ClientModeTests(SynchronousTestCase):
         self.endpoint = Endpoint()
         tls = BackendTLS("backend.example", pem_file(self, CA))
         relay = RelayFactory(
-            connect=TLSEndpoint(self.endpoint, tls, self.clock),
+            connect=Backend(self.endpoint, tls, self.clock),
             clock=self.clock,
             observe=self.records.append,
             timeouts=timeouts,
             service="client",
+            header=no_header,
+            allow=AllowList(),
+            tls=False,
         )
-        self.factory = LimitedPlainFactory(relay, self.clock, Limits())
+        self.factory = LimitedPlainFactory(relay, self.clock, Limits(), SharedLimit())
         self.server = self.factory.buildProtocol(self.CLIENT)
         self.client = Recorder()
         self.pump = connect(
@@ -497,9 +498,9 @@ class ServiceTests(SynchronousTestCase):
             backend_tls=BackendTLS("127.0.0.1", pem_file(self, CA)),
         )
         service = proxy_service(config, MemoryReactorClock())
-        self.assertIsInstance(service.tls, LimitedPlainFactory)
-        self.assertIsInstance(service.tls.wrappedFactory.connect, TLSEndpoint)
-        self.assertEqual(service.tls.logPrefix(), "RelayFactory (LimitedPlainFactory)")
+        self.assertIsInstance(service.clients, LimitedPlainFactory)
+        self.assertFalse(service.tls)
+        self.assertEqual(service.clients.logPrefix(), "tlsproxy (LimitedPlainFactory)")
 
 
 class OptionTests(SynchronousTestCase):
@@ -552,7 +553,7 @@ class OptionTests(SynchronousTestCase):
             "--client", "--connect", "tls:h:1", "--listen", "haproxy:tcp:80",
         )  # fmt: skip
         self.assert_error(
-            "--client: not with --self-signed, --tls-min, --allow-*",
+            "--client: not with --self-signed, --tls-min, --allow-cn",
             "--client", "--connect", "tls:h:1", "--self-signed", "x",
             "--tls-min", "1.3", "--allow-cn", "a",
         )  # fmt: skip

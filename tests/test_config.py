@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tlsproxy import config, tap
 from tlsproxy.connlog import ConnectionLog
-from tlsproxy.service import overlap
+from tlsproxy.endpoints import overlap
+from tlsproxy.process import StartupError
 
 from .memory import CA, LEAF
 
@@ -305,7 +306,7 @@ class ReadTests(SynchronousTestCase):
         self.patch(sys, "argv", ["tlsproxy", "--connect=tcp:h:1", "--self-signed=x"])
         options = tap.Options()
         options.parseOptions()
-        self.assertEqual(options.given, frozenset({"connect", "self-signed"}))
+        self.assertEqual(options["connect"], "tcp:h:1")
 
     def test_connection_logs(self) -> None:
         """Each service has its own connection log."""
@@ -390,7 +391,9 @@ class FlagTests(SynchronousTestCase):
         path = Files(self).ini(
             f"[web]\nconnect = tcp:h:1\nself-signed = x\nsni-strict = {value}\n"
         )
-        [(_, options)] = config.read_services(path, tap.Options, tap.PROCESS_WIDE)
+        [(_, options)] = config.read_services(
+            path, tap._parse, tap.KINDS, tap.PROCESS_WIDE
+        )
         return options
 
     def test_flags(self) -> None:
@@ -471,7 +474,7 @@ class ServiceTests(TestCase):
         )
         service = tap.makeService(parse("--config", path))
         self.addCleanup(service.stopService)
-        with self.assertRaises(tap.StartupError) as caught:
+        with self.assertRaises(StartupError) as caught:
             service.privilegedStartService()
         message = str(caught.exception)
         self.assertTrue(
@@ -497,7 +500,7 @@ class ServiceTests(TestCase):
         )
         service = tap.makeService(options)
         self.addCleanup(service.stopService)
-        with self.assertRaises(tap.StartupError) as caught:
+        with self.assertRaises(StartupError) as caught:
             service.privilegedStartService()
         self.assertTrue(
             str(caught.exception).startswith(f"tlsproxy: --metrics {metrics}: ")

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tlsproxy import tap
 from tlsproxy.connlog import ConnectionLog
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.tls import ConfigError
+from tlsproxy.values import ConfigError
 
 from .harness import (
     HttpBackend,

@@ -1,14 +1,12 @@
 """
 --reuse-port: several processes share one listening port (SO_REUSEPORT),
-one per core; --steer-clients N: each client address to one of them.
+one per core.
 """
 
 from __future__ import annotations
 
-import select
 import socket
 from pathlib import Path
-from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import reactor
@@ -24,27 +22,24 @@ from tests.harness import (
     TIMEOUT,
     TwistdProxy,
     client_context,
-    run_s_client,
     run_startup_error,
     start_http_backend,
     temp_dir,
     wait_until,
 )
 from tlsproxy import tap
-from tlsproxy.service import ProxyConfig, proxy_service
-from tlsproxy.steer import steer
-from tlsproxy.tls import ConfigError
+from tlsproxy.service import proxy_service
+from tlsproxy.values import ConfigError, ProxyConfig
 
 from .memory import leaf_certificates
 
 
-def config(listen: str, reuse_port: bool = True, steer: int = 0) -> ProxyConfig:
+def config(listen: str, reuse_port: bool = True) -> ProxyConfig:
     return ProxyConfig(
         listen=listen,
         connect="tcp:127.0.0.1:80",
         certificates=leaf_certificates(),
         reuse_port=reuse_port,
-        steer_clients=steer,
     )
 
 
@@ -99,81 +94,6 @@ class ReusePortTests(SynchronousTestCase):
         config("unix:/run/x.sock", reuse_port=False)  # (no error)
 
 
-class SteerTests(SynchronousTestCase):
-    """--steer-clients N: one client address, one of N processes."""
-
-    def test_needs_reuse_port(self) -> None:
-        """Without --reuse-port, or behind haproxy:, it is refused."""
-        for listen, reuse in (("tcp:443", False), ("HAProxy:tcp:443", True)):
-            with self.assertRaises(ConfigError) as caught:
-                config(listen, reuse, steer=2)
-            self.assertEqual(
-                str(caught.exception),
-                "--steer-clients 2: needs --reuse-port, and not"
-                " --listen haproxy:... (every client would be the balancer)",
-            )
-
-    def test_attached(self) -> None:
-        """The kernel takes the program for a socket of a SO_REUSEPORT group."""
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((HOST, 0))
-            sock.listen()
-            steer(sock, 3)
-
-    def test_by_source_address(self) -> None:
-        """
-        Of two sockets in a group, the program picks the one numbered by the
-        client's address modulo 2: for IPv4 the whole address, for IPv6 its
-        last 32 bits.
-        """
-        cases = [
-            (socket.AF_INET, "127.0.0.1", 1),
-            (socket.AF_INET, "127.0.0.2", 0),
-            (socket.AF_INET6, "::1", 1),
-        ]
-        for family, source, index in cases:
-            host = "::1" if family == socket.AF_INET6 else HOST
-            group = [socket.socket(family) for _ in range(2)]
-            port = 0
-            for sock in group:
-                self.addCleanup(sock.close)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((host, port))
-                sock.listen()
-                port = sock.getsockname()[1]
-            steer(group[0], 2)
-            with socket.create_connection((host, port), TIMEOUT, (source, 0)):
-                ready, _, _ = select.select(group, [], [], TIMEOUT)
-            self.assertEqual([group.index(sock) for sock in ready], [index], source)
-            ready[0].accept()[0].close()
-
-    def test_refused(self) -> None:
-        """
-        A port whose socket cannot take the program (in no SO_REUSEPORT
-        group) fails to listen, as a port that cannot be bound does.
-        """
-        reactor = PlainSocketReactor()
-        self.addCleanup(reactor.plain.close)
-        service = proxy_service(config("tcp:8443", steer=2), reactor)
-        with self.assertRaises(CannotListenError) as caught:
-            service.privilegedStartService()
-        self.assertIn("Invalid argument", str(caught.exception))
-
-
-class PlainSocketReactor(MemoryReactorClock):
-    """A memory reactor whose ports have a real socket, in no group."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.plain = socket.socket()
-
-    def listenTCP(self, *args: Any, **kwargs: Any) -> Any:
-        port = super().listenTCP(*args, **kwargs)
-        port.socket = self.plain
-        return port
-
-
 class OptionTests(SynchronousTestCase):
     """--reuse-port on the command line, and as a key of --config files."""
 
@@ -186,19 +106,6 @@ class OptionTests(SynchronousTestCase):
         """Off by default; --reuse-port turns it on."""
         self.assertFalse(self.parse().config.reuse_port)
         self.assertTrue(self.parse("--reuse-port").config.reuse_port)
-
-    def test_steer_clients(self) -> None:
-        """--steer-clients takes 1 to 9999 processes; 0 (none) by default."""
-        self.assertEqual(self.parse().config.steer_clients, 0)
-        steered = self.parse("--reuse-port", "--steer-clients", "0016").config
-        self.assertEqual(steered.steer_clients, 16)
-        for value in ("0", "10000", "-1", "two"):
-            with self.assertRaises(usage.UsageError) as caught:
-                self.parse("--reuse-port", "--steer-clients", value)
-            self.assertEqual(
-                str(caught.exception),
-                f"--steer-clients {value}: must be from 1 to 9999",
-            )
 
     def test_refused(self) -> None:
         """With a unix: --listen it is one line of usage error."""
@@ -226,10 +133,10 @@ class OptionTests(SynchronousTestCase):
 class SharedPortTests(TestCase):
     """Real sockets, in this process: two services on one port."""
 
-    def start(self, port: int, reuse_port: bool, steer: int = 0) -> IService:
+    def start(self, port: int, reuse_port: bool) -> IService:
         """A service listening on 127.0.0.1:C{port}, stopped at the end."""
         service = proxy_service(
-            config(f"tcp:{port}:interface={HOST}", reuse_port, steer),
+            config(f"tcp:{port}:interface={HOST}", reuse_port),
             reactor,  # type: ignore[arg-type]
         )
         service.privilegedStartService()
@@ -241,12 +148,6 @@ class SharedPortTests(TestCase):
         port = free_port()
         self.start(port, True)
         self.start(port, True)
-
-    def test_steered(self) -> None:
-        """With steer_clients too, the program is attached to both."""
-        port = free_port()
-        self.start(port, True, 2)
-        self.start(port, True, 2)
 
     def test_not_shared(self) -> None:
         """Without it on the second, its bind fails."""
@@ -303,37 +204,6 @@ class TwoProcessesTests(TestCase):
         )
         closes = [len(proxy.close_lines()) for proxy in proxies]
         self.assertTrue(all(closes), closes)
-
-    def test_steered(self) -> None:
-        """
-        With --steer-clients 2, the connections from one client address all
-        reach one process (127.0.0.1 the second, 127.0.0.2 the first), and
-        so a saved session is resumed by every new connection.
-        """
-        backend = start_http_backend(self)
-        port = free_port()
-        args = ["--connect", f"tcp:{HOST}:{backend.port}", "--self-signed", "localhost"]
-        proxies = [
-            self.start(port, "--reuse-port", "--steer-clients", "2", *args)
-            for _ in range(2)
-        ]
-        for source in ["127.0.0.1", "127.0.0.2"] * 5:
-            self.assertIn(HELLO, get(port, source))
-        wait_until(
-            lambda: sum(len(proxy.close_lines()) for proxy in proxies) == 10,
-            "10 connections logged as closed",
-        )
-        sources = [
-            {line.split(" from ")[1].split(":")[0] for line in proxy.close_lines()}
-            for proxy in proxies
-        ]
-        self.assertEqual(sources, [{"127.0.0.2"}, {"127.0.0.1"}])
-        session = str(temp_dir(self) / "session.pem")
-        request = b"GET / HTTP/1.0\r\n\r\n"
-        run_s_client(port, "-ign_eof", "-sess_out", session, stdin=request)
-        for _ in range(6):
-            again = run_s_client(port, "-ign_eof", "-sess_in", session, stdin=request)
-            self.assertIn(b"\nReused, TLSv1.3", again.stdout)
 
     def test_second_without(self) -> None:
         """

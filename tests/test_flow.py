@@ -34,8 +34,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from tlsproxy import BackendTLS, ProxyConfig, proxy_service
+from tlsproxy.flow import TLSProtocol
 from tlsproxy.service import ProxyService
-from tlsproxy.tls import TLSProtocol
 
 from .keyupdate import Flooder
 from .memory import CA, leaf_certificates
@@ -189,7 +189,7 @@ class BoundTests(TestCase):
         return endpoint.connect(Factory.forProtocol(lambda: client))
 
     def proxy_side(self) -> TLSProtocol:
-        [tls] = list(self.service.tls.protocols)
+        [tls] = list(self.service.clients.protocols)
         return tls
 
     @inlineCallbacks
@@ -273,7 +273,7 @@ class BoundTests(TestCase):
         flooder = yield threads.deferToThread(Flooder, sock)
         self.addCleanup(flooder.close)
         yield threads.deferToThread(flooder.write, b"hello")
-        yield self.settle(lambda: len(self.service.tls.protocols))
+        yield self.settle(lambda: len(self.service.clients.protocols))
         sent = yield threads.deferToThread(flooder.flood, FLOOD)
         self.assertLess(sent, FLOOD)
         self.assertLessEqual(held(self.proxy_side()), BOUND)

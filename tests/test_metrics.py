@@ -8,8 +8,6 @@ from __future__ import annotations
 import unittest
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,14 +16,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from tlsproxy import tap
 from tlsproxy.metrics import Metrics, reason_kind
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.service import (
-    LimitedPlainFactory,
-    LimitedTLSFactory,
-    Limits,
-    ProxyConfig,
-    ProxyService,
-)
-from tlsproxy.tls import Certificates
+from tlsproxy.service import ProxyService
+from tlsproxy.values import Limits, ProxyConfig
 
 from .harness import (
     curl_ok,
@@ -64,12 +56,11 @@ FAILED = ConnectionRecord(
 )
 
 
-def watched(
-    factory: LimitedTLSFactory, certificates: Certificates | None = LEAVES
-) -> ProxyService:
-    """A service around C{factory}, for the metrics to watch."""
-    config = ProxyConfig(listen="tcp:0", connect="tcp:h:1", certificates=certificates)
-    return ProxyService(Service(), factory, Clock(), config)
+def watched(accepting: Accepting, tls: bool = True) -> ProxyService:
+    """A service around what C{accepting} accepts, for the metrics to watch."""
+    accepting.relay.tls = tls
+    config = ProxyConfig(listen="tcp:0", connect="tcp:h:1", certificates=LEAVES)
+    return accepting.service(config)
 
 
 class MetricsTests(SynchronousTestCase):
@@ -141,9 +132,7 @@ class MetricsTests(SynchronousTestCase):
 
     def test_plain_clients(self) -> None:
         """Under --client there is no handshake to fail."""
-        relay = Accepting(Limits()).factory.wrappedFactory
-        plain = LimitedPlainFactory(relay, Clock(), Limits())
-        self.metrics.watch("https", watched(plain, certificates=None))
+        self.metrics.watch("https", watched(Accepting(Limits()), tls=False))
         self.metrics.observe(FAILED)
         self.assertIsNone(
             self.sample(
@@ -160,7 +149,7 @@ class MetricsTests(SynchronousTestCase):
     def test_live_counts(self) -> None:
         """Live, accepted and refused connections are read when scraped."""
         accepting = Accepting(Limits(total=1))
-        self.metrics.watch("https", watched(accepting.factory))
+        self.metrics.watch("https", watched(accepting))
         first = accepting.accept("192.0.2.1")
         accepting.accept("192.0.2.2")
         self.assertEqual(self.sample("tlsproxy_connections_live", service="https"), 1)
@@ -175,7 +164,7 @@ class MetricsTests(SynchronousTestCase):
 
     def test_reload_failures(self) -> None:
         """Each reload that kept the old certificates is counted."""
-        service = watched(Accepting(Limits()).factory)
+        service = watched(Accepting(Limits()))
         self.metrics.watch("https", service)
         name = "tlsproxy_reload_failures_total"
         self.assertEqual(self.sample(name, service="https"), 0)

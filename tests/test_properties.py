@@ -225,10 +225,6 @@ BACKEND_CAS = choices(
     tagged(["\0/cert.pem", "\0/both.pem"], True),
     tagged(["\0/key.pem", "\0/garbage.pem", "\0/missing.pem", "\0"], False),
 )
-PROCESSES = choices(
-    tagged(st.integers(1, 9999).map(str) | st.just("0002"), True),
-    tagged(["0", "10000", "-1", "1.5", "", " 2", "+2", "\u00b2"], False),
-)
 CONNECTION_LOGS = choices(
     tagged(["\0/connections.log"], True),
     tagged(["\0", "\0/missing/connections.log", "\0/cert.pem/connections.log"], False),
@@ -259,7 +255,6 @@ OPTIONS: dict[str, Values] = {
     "ciphers": CIPHERS,
     "client-ca": CLIENT_CAS,
     "backend-ca": BACKEND_CAS,
-    "steer-clients": PROCESSES,
 }
 COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
 # Options given more than once are all used (not only the last).
@@ -370,10 +365,6 @@ def expected(items: list[Item]) -> tuple[Validity, dict[str, str]]:
     if "reuse-port" in given:
         listen = given.get("listen", ("tcp:443",))[0]
         validities.append(bool(re.match("(haproxy:)?tcp6?:", listen, re.IGNORECASE)))
-    if "steer-clients" in given:
-        listen = given.get("listen", ("tcp:443",))[0]
-        balanced = listen.lower().startswith("haproxy:")
-        validities.append("reuse-port" in given and not balanced)
     if "client" in given:
         listen = given.get("listen", ("",))[0]
         validities.append(tls and not listen.startswith("haproxy:"))
@@ -484,7 +475,6 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(config.connect, value("connect"))
         self.assertEqual(config.certificates is None, "client" in values)
         self.assertEqual(config.reuse_port, "reuse-port" in values)
-        self.assertEqual(config.steer_clients, int(values.get("steer-clients", 0)))
         self.assertEqual(config.backend_tls is not None, value("connect")[:4] == "tls:")
         durations = {
             "handshake-timeout": config.timeouts.handshake,

@@ -15,10 +15,10 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy import tap
+from tlsproxy.listen import behind_balancer_factory as behind_balancer
 from tlsproxy.peer import Proxied
 from tlsproxy.proxyheader import V2_SIGNATURE, Addresses, no_header, parse, v1, v2
 from tlsproxy.record import ConnectionRecord
-from tlsproxy.service import behind_balancer
 
 from .memory import Pair, Recorder
 

@@ -16,7 +16,9 @@ from twisted.internet.error import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.relay import Timeouts, _no_delay, _Throttle, describe
+from tlsproxy.flow import Throttle
+from tlsproxy.relay import _no_delay, describe
+from tlsproxy.values import Timeouts
 
 from .memory import DEFAULTS, Pair, Transport
 
@@ -130,7 +132,7 @@ class RelayTests(SynchronousTestCase):
         stopping: closing is the close path's work.
         """
         io = Transport(None, True)
-        throttle = _Throttle(io)
+        throttle = Throttle(io)
         throttle.pauseProducing()
         self.assertTrue(io.paused)
         throttle.resumeProducing()

@@ -20,24 +20,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer, providedBy
 
 from tlsproxy import tap
-from tlsproxy.backend import BackendTLS
-from tlsproxy.relay import RelayFactory, Timeouts
-from tlsproxy.service import (
-    SHED_INTERVAL,
-    TICKET_KEY_LIFETIME,
-    LimitedTLSFactory,
-    Limits,
-    ProxyConfig,
-    ProxyService,
-    SharedLimit,
-)
-from tlsproxy.tls import (
-    Certificates,
-    ConfigError,
-    Credentials,
-    ServerConnection,
-    TLSProtocol,
-)
+from tlsproxy.backend import Backend, BackendTLS
+from tlsproxy.context import Certificates
+from tlsproxy.credentials import Credentials
+from tlsproxy.flow import TLSProtocol
+from tlsproxy.listen import LimitedTLSFactory, SharedLimit
+from tlsproxy.process import Process
+from tlsproxy.proxyheader import no_header
+from tlsproxy.relay import RelayFactory
+from tlsproxy.service import TICKET_KEY_LIFETIME, ProxyService
+from tlsproxy.values import AllowList, ConfigError, Limits, ProxyConfig, Timeouts
 
 from .memory import CA, Endpoint, Transport, leaf_certificates
 
@@ -54,16 +46,22 @@ class Accepting:
     ) -> None:
         self.clock = Clock()
         self.records: list[object] = []
-        relay = RelayFactory(
-            connect=Endpoint(),
+        self.relay = RelayFactory(
+            connect=Backend(Endpoint(), None, self.clock),
             clock=self.clock,
             observe=self.records.append,
             timeouts=Timeouts(),
             service=name,
+            header=no_header,
+            allow=AllowList(),
         )
         self.factory = LimitedTLSFactory(
-            leaf_certificates(), relay, self.clock, limits, shared
+            leaf_certificates(), self.relay, self.clock, limits, shared or SharedLimit()
         )
+
+    def service(self, config: ProxyConfig) -> ProxyService:
+        """A proxy service of C{config} around what this accepts."""
+        return ProxyService(config, Service(), self.factory, self.relay, self.clock)
 
     def accept(self, host: str, port: int = 50000) -> Transport:
         """Accept a connection from C{host}; return its transport."""
@@ -187,15 +185,16 @@ class DrainTests(SynchronousTestCase):
         self.accepting = Accepting(Limits())
         self.listening = Service()
         self.service = ProxyService(
-            self.listening,
-            self.accepting.factory,
-            self.accepting.clock,
             ProxyConfig(
                 listen="tcp:0",
                 connect="tcp:127.0.0.1:1",
                 certificates=leaf_certificates(),
                 limits=Limits(drain=5),
             ),
+            self.listening,
+            self.accepting.factory,
+            self.accepting.relay,
+            self.accepting.clock,
         )
         self.service.startService()
 
@@ -285,7 +284,7 @@ class OptionTests(SynchronousTestCase):
 
 @implementer(IReactorCore, IReactorThreads)
 class FakeReactor:
-    """What _Twistd asks of the reactor, recorded."""
+    """What Process asks of the reactor, recorded."""
 
     def __init__(self, running: bool = True) -> None:
         self.when_running: list[object] = []
@@ -317,7 +316,7 @@ class SigtermTests(SynchronousTestCase):
         previous = signal.getsignal(signal.SIGTERM)
         self.addCleanup(signal.signal, signal.SIGTERM, previous)
         reactor = FakeReactor()
-        service = tap._Twistd(reactor)
+        service = Process(reactor)
         service.add(Service(), "--listen tcp:0")
         service.startService()
         [take] = reactor.when_running
@@ -349,9 +348,9 @@ class SighupTests(SynchronousTestCase):
         self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
         reactor = FakeReactor()
         proxy = Reloaded()
-        service = tap._Twistd(reactor)
+        service = Process(reactor)
         service.add(proxy, "--listen tcp:0")
-        service.proxies.append(tap.Proxy(config=None, service=proxy))  # type: ignore[arg-type]
+        service.proxies.append(proxy)  # type: ignore[arg-type]
         service.startService()
         [take] = reactor.when_running
         take()  # type: ignore[operator]
@@ -373,16 +372,13 @@ class ReloadTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.accepting = Accepting(Limits())
         self.certificates = leaf_certificates()
-        self.service = ProxyService(
-            Service(),
-            self.accepting.factory,
-            self.accepting.clock,
+        self.service = self.accepting.service(
             ProxyConfig(
                 listen="tcp:0",
                 connect="tcp:127.0.0.1:1",
                 certificates=self.certificates,
                 service="web",
-            ),
+            )
         )
 
     def messages(self) -> list[str]:
@@ -431,42 +427,6 @@ class ReloadTests(SynchronousTestCase):
         self.assertIs(self.certificates.context, contexts[-1])
 
 
-class SheddingTests(SynchronousTestCase):
-    """Every SHED_INTERVAL, each live TLS connection gives back empty buffers."""
-
-    def test_each_connection(self) -> None:
-        """Each live connection is asked, while the service runs."""
-        asked: list[ServerConnection] = []
-
-        def shed(connection: ServerConnection) -> bool:
-            asked.append(connection)
-            return True
-
-        self.patch(ServerConnection, "shed", shed)
-        accepting = Accepting(Limits())
-        service = ProxyService(
-            Service(),
-            accepting.factory,
-            accepting.clock,
-            ProxyConfig(
-                listen="tcp:0",
-                connect="tcp:127.0.0.1:1",
-                certificates=leaf_certificates(),
-            ),
-        )
-        handles = [
-            accepting.accept(f"192.0.2.{n}").protocol.getHandle() for n in (1, 2)
-        ]
-        service.startService()
-        accepting.clock.advance(SHED_INTERVAL - 1)
-        self.assertEqual(asked, [])
-        accepting.clock.advance(1)
-        self.assertEqual(asked, handles)
-        service.stopService()
-        accepting.clock.advance(SHED_INTERVAL)
-        self.assertEqual(asked, handles)
-
-
 class BackendReloadTests(SynchronousTestCase):
     """A reload reads the backend's CA file too; --client has no ticket keys."""
 
@@ -480,17 +440,14 @@ class BackendReloadTests(SynchronousTestCase):
         self.accepting = Accepting(Limits())
 
     def service(self, certificates: Certificates | None) -> ProxyService:
-        return ProxyService(
-            Service(),
-            self.accepting.factory,
-            self.accepting.clock,
+        return self.accepting.service(
             ProxyConfig(
                 listen="tcp:0",
                 connect="tls:backend.example:443",
                 certificates=certificates,
                 backend_tls=self.backend_tls,
                 service="web",
-            ),
+            )
         )
 
     def messages(self) -> list[str]:
@@ -516,8 +473,7 @@ class BackendReloadTests(SynchronousTestCase):
 
     def test_client_mode(self) -> None:
         """
-        Without certificates (--client), reload, rotation and shedding are
-        harmless (a plain connection has no TLS buffers).
+        Without certificates (--client), reload and rotation are harmless.
         """
         service = self.service(None)
         self.accepting.accept("192.0.2.1")

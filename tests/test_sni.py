@@ -16,15 +16,10 @@ from cryptography import x509
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.context import UNKNOWN_NAME, Certificates, from_files
+from tlsproxy.credentials import Credentials, read_credentials
 from tlsproxy.peer import server_name
-from tlsproxy.tls import (
-    UNKNOWN_NAME,
-    Certificates,
-    ConfigError,
-    Credentials,
-    from_files,
-    read_credentials,
-)
+from tlsproxy.values import ConfigError
 
 from .memory import CA, Pair, identity
 from .test_tls import self_signed_pem

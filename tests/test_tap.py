@@ -16,7 +16,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tlsproxy import tap
-from tlsproxy.relay import Timeouts
+from tlsproxy.process import StartupError, one_line
+from tlsproxy.values import Timeouts
 
 from .memory import CA
 
@@ -303,7 +304,7 @@ class StartupTests(TestCase):
         port = taken.getsockname()[1]
         listen = f"tcp:{port}:interface=127.0.0.1"
         service = tap.makeService(self.options(listen))
-        with self.assertRaises(tap.StartupError) as caught:
+        with self.assertRaises(StartupError) as caught:
             service.privilegedStartService()
         message = str(caught.exception)
         self.assertTrue(message.startswith(f"tlsproxy: --listen {listen}: "), message)
@@ -348,10 +349,10 @@ class StartupTests(TestCase):
         anything else to the previous hook.
         """
         seen: list[object] = []
-        hook = tap._one_line(lambda *args: seen.append(args[0]))
+        hook = one_line(lambda *args: seen.append(args[0]))
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
-        hook(tap.StartupError, tap.StartupError("tlsproxy: broken"), None)
+        hook(StartupError, StartupError("tlsproxy: broken"), None)
         self.assertEqual(stderr.getvalue(), "tlsproxy: broken\n")
         hook(ValueError, ValueError("x"), None)
         self.assertEqual(seen, [ValueError])

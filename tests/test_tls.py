@@ -16,6 +16,9 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.context import ServerTLS, from_files
+from tlsproxy.credentials import load_cas, load_key, self_signed
+from tlsproxy.flow import TLSProtocol
 from tlsproxy.peer import client_identity
 from tlsproxy.proxyheader import (
     PP2_SUBTYPE_SSL_CN,
@@ -24,20 +27,7 @@ from tlsproxy.proxyheader import (
     no_header,
     v2,
 )
-from tlsproxy.tls import (
-    ANY_CERTIFICATE,
-    AllowList,
-    ConfigError,
-    ServerConnection,
-    ServerTLS,
-    TLSPolicy,
-    TLSProtocol,
-    from_files,
-    load_certificates,
-    load_client_cas,
-    load_key,
-    self_signed,
-)
+from tlsproxy.values import AllowList, ConfigError, TLSPolicy
 
 from .memory import CA, LEAF, Pair, leaf_certificates
 from .test_proxyheader import tlvs, v2_parts
@@ -68,7 +58,7 @@ class FilesTests(SynchronousTestCase):
 
     def test_chain_order(self) -> None:
         """The leaf comes first and the chain follows it, as in the file."""
-        chain = load_certificates(self.write("cert.pem", self.chain_pem()))
+        chain = load_cas("--cert", self.write("cert.pem", self.chain_pem()))
         self.assertEqual(len(chain), 2)
         self.assertEqual(
             chain[0].public_bytes(serialization.Encoding.PEM),
@@ -267,6 +257,9 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(pair.records[0].cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")
 
 
+ANYONE = AllowList()
+
+
 class ClientCertificateTests(SynchronousTestCase):
     """--client-ca and --allow-*: who gets in with which certificate."""
 
@@ -276,7 +269,7 @@ class ClientCertificateTests(SynchronousTestCase):
 
     def pair(
         self,
-        allow: AllowList = ANY_CERTIFICATE,
+        allow: AllowList = ANYONE,
         present: bool = True,
         certificate: tuple[x509.Certificate, bytes] | None = None,
         header: HeaderEncoder = no_header,
@@ -297,7 +290,7 @@ class ClientCertificateTests(SynchronousTestCase):
         """Any listed CN, OU, DNS or URI name lets the certificate in."""
         identity = client_identity(self.certificate)
         for allow in [
-            ANY_CERTIFICATE,
+            AllowList(),
             AllowList(cn=frozenset({"other", "client-1"})),
             AllowList(ou=frozenset({"ops"})),
             AllowList(dns=frozenset({"client.example"})),
@@ -307,7 +300,7 @@ class ClientCertificateTests(SynchronousTestCase):
         refused = AllowList(cn=frozenset({"other"}), dns=frozenset({"x.example"}))
         self.assertEqual(refused.refusal(identity), "client certificate not allowed")
         self.assertEqual(refused.refusal(None), "client certificate not allowed")
-        self.assertIsNone(ANY_CERTIFICATE.refusal(None))
+        self.assertIsNone(AllowList().refusal(None))
 
     def test_no_alternative_names(self) -> None:
         """A certificate without subjectAltName is judged by its subject."""
@@ -377,12 +370,12 @@ class ClientCertificateTests(SynchronousTestCase):
         os.mkdir(directory)
         good = os.path.join(directory, "ca.pem")
         CA.cert_pem.write_to_path(good)
-        self.assertEqual(load_client_cas(good), (self.ca,))
+        self.assertEqual(load_cas("--client-ca", good), (self.ca,))
         bad = os.path.join(directory, "bad.pem")
         with open(bad, "wb") as f:
             f.write(b"junk")
         with self.assertRaises(ConfigError) as caught:
-            load_client_cas(bad)
+            load_cas("--client-ca", bad)
         self.assertEqual(
             str(caught.exception), f"--client-ca {bad}: no PEM certificate found"
         )
@@ -519,58 +512,3 @@ def client_certificate(
         serialization.NoEncryption(),
     )
     return certificate, key_pem
-
-
-class ShedTests(SynchronousTestCase):
-    """A connection gives back its memory BIOs' buffers when they are empty."""
-
-    def relaying(self) -> tuple[Pair, ServerConnection]:
-        """A pair past its handshake, 64 KiB sent to the client and read."""
-        pair = Pair()
-        pair.flush()
-        pair.connect_backend()
-        pair.backend.transport.write(b"x" * 65536)
-        pair.flush()
-        self.assertEqual(len(pair.client.data), 65536)
-        return pair, pair.server.getHandle()
-
-    def test_sheds(self) -> None:
-        """
-        Once drained, both BIOs are new ones, and bytes go on flowing both
-        ways, in order.
-        """
-        pair, tls = self.relaying()
-        old = (tls._into_ssl, tls._from_ssl)
-        self.assertTrue(tls.shed())
-        self.assertNotIn(tls._into_ssl, old)
-        self.assertNotIn(tls._from_ssl, old)
-        pair.client_tls.write(b"ping")
-        pair.flush()
-        pair.backend.transport.write(b"pong")
-        pair.flush()
-        self.assertEqual(pair.backend.data, b"ping")
-        self.assertEqual(pair.client.data, b"x" * 65536 + b"pong")
-        self.assertTrue(tls.shed())  # (and again)
-
-    def test_not_during_handshake(self) -> None:
-        """Before the client's Finished, nothing is swapped."""
-        pair = Pair()
-        pair.pump.pump()  # ClientHello in, the server's flight out
-        tls = pair.server.getHandle()
-        old = (tls._into_ssl, tls._from_ssl)
-        self.assertFalse(tls.shed())
-        self.assertEqual((tls._into_ssl, tls._from_ssl), old)
-        pair.flush()
-        self.assertEqual(len(pair.endpoint.attempts), 1)  # (the handshake ends)
-
-    def test_not_with_bytes_out(self) -> None:
-        """Bytes waiting to go to the client keep the BIOs in place."""
-        _, tls = self.relaying()
-        tls.send(b"waiting")
-        self.assertFalse(tls.shed())
-
-    def test_not_with_bytes_in(self) -> None:
-        """Bytes from the client not yet read by TLS keep the BIOs in place."""
-        _, tls = self.relaying()
-        tls.bio_write(b"\x17\x03\x03")  # (the start of a record)
-        self.assertFalse(tls.shed())

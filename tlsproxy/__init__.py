@@ -5,10 +5,11 @@ The names here are the embedding API (see README.rst, "Embedding").
 """
 
 from .backend import BackendTLS
+from .context import Certificates, from_files
+from .credentials import self_signed
 from .record import ConnectionRecord, log_close
-from .relay import Timeouts
-from .service import Limits, ProxyConfig, proxy_service
-from .tls import Certificates, ConfigError, TLSPolicy, from_files, self_signed
+from .service import proxy_service
+from .values import ConfigError, Limits, ProxyConfig, Timeouts, TLSPolicy
 
 __all__ = [
     "BackendTLS",

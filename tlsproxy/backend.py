@@ -1,20 +1,17 @@
 """
-TLS toward the backend: C{--connect tls:HOST:PORT} connects over TCP (so
-C{bindAddress} and C{timeout} work as for C{tcp:}), then verifies the
-backend's certificate, against C{--backend-ca} or the platform's trust, and
-its name, HOST, with service_identity.
-
-A backend connection counts as made (the endpoint's L{Deferred} fires) only
-once its handshake has verified it: the relay's connect timeout covers the
-handshake, the client's bytes wait until then, and a backend that fails
-verification is a failed connect, with a one-line reason.  A PROXY header
-goes in clear before the ClientHello (see L{tlsproxy.relay}), as HAProxy's
-C{send-proxy} does with C{ssl}.
+The way to the backend: its endpoint (C{--connect}), the PROXY header that
+goes first, in clear, and TLS on top for C{--connect tls:HOST:PORT}: TCP
+(so C{bindAddress} and C{timeout} work as for C{tcp:}), then a handshake
+that verifies the certificate, against C{--backend-ca} or the platform's
+trust, and its name, HOST.  A TLS backend counts as connected only once it
+is verified: the relay's connect timeout covers the handshake, and a backend
+that fails verification is a failed connect with a one-line reason.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import typing
 
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
@@ -23,7 +20,6 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import _parse, clientFromString
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -31,34 +27,18 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
+    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from .tls import CountingConnection, TLSProtocol, load_cas, openssl_reasons
-
-TLS_PREFIX = "tls:"
-
-
-def client_from_string(reactor: object, text: str) -> IStreamClientEndpoint:
-    """
-    Twisted's C{clientFromString}, but C{tls:...} is read as C{tcp:...}:
-    the TLS goes on top in L{TLSEndpoint} (Twisted's own C{tls:} endpoint is
-    not used).
-    """
-    if text.startswith(TLS_PREFIX):
-        text = "tcp:" + text[len(TLS_PREFIX) :]
-    endpoint: IStreamClientEndpoint = clientFromString(reactor, text)
-    return endpoint
-
-
-def host_of(connect: str) -> str:
-    """The host of a C{--connect} string that L{client_from_string} took."""
-    args, kwargs = _parse(connect)
-    return str(kwargs.get("host") or args[1])
+from .context import openssl_reasons
+from .credentials import load_cas
+from .flow import CountingConnection, TLSProtocol, Transport
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -66,13 +46,13 @@ class BackendTLS:
     """
     What a TLS backend must prove: a certificate for C{host} (a DNS name or
     an IP address) from a CA in C{ca_path} (C{--backend-ca}), or from the
-    platform's trust when C{None}.  The client offers TLS 1.2 or later, SNI
-    (for a name) and no ALPN.  Each connection starts with the trust
-    current then.
+    platform's trust when C{None}.  tlsproxy offers TLS 1.2 or later, SNI
+    for a name, no ALPN.  Each connection starts with the trust current then.
+
+    @raise ConfigError: C{ca_path} cannot be read or has no certificate.
     """
 
     def __init__(self, host: str, ca_path: str | None = None) -> None:
-        """@raise ConfigError: C{ca_path} cannot be read or has no certificate."""
         self.host = host
         self.ca_path = ca_path
         try:
@@ -83,18 +63,15 @@ class BackendTLS:
 
     def reload(self) -> None:
         """
-        Re-read C{ca_path} and verify new connections with it (those under
-        way are not disturbed).  The platform's CAs are not re-read: in a
-        jail they are not there.
+        Read C{ca_path} again, for new connections.  The platform's CAs are
+        not read again: in a jail they are not there.
 
-        @raise ConfigError: the file is now unreadable or has no
-            certificate; the trust in use stays.
+        @raise ConfigError: the file is now bad; the trust in use stays.
         """
         if self.ca_path is not None:
             self._context = self._load()
 
     def _load(self) -> SSL.Context:
-        """A client context that verifies the chain (the name: L{verify})."""
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
@@ -108,9 +85,7 @@ class BackendTLS:
                 store.add_cert(crypto.X509.from_cryptography(ca))
         return context
 
-    def clientConnectionForTLS(
-        self, tls_protocol: TLSMemoryBIOProtocol
-    ) -> SSL.Connection:
+    def clientConnectionForTLS(self, tls: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = CountingConnection(self._context, None)
         if self._address is None:
             connection.set_tlsext_host_name(self.host.encode("idna"))
@@ -119,17 +94,20 @@ class BackendTLS:
 
     def verify(self, connection: SSL.Connection) -> None:
         """
-        Check that the verified certificate of C{connection} is for C{host}.
+        Check that the (chain-verified) certificate of C{connection} is for
+        C{host}.
 
-        @raise VerificationError: it is not.
-        @raise CertificateError: it names no host at all.
+        @raise BackendTLSError: it is not.
         """
         certificate = connection.get_peer_certificate(as_cryptography=True)
-        assert certificate is not None  # (verified: VERIFY_PEER)
-        if self._address is None:
-            verify_certificate_hostname(certificate, self.host)
-        else:
-            verify_certificate_ip_address(certificate, self._address)
+        assert certificate is not None  # (VERIFY_PEER)
+        try:
+            if self._address is None:
+                verify_certificate_hostname(certificate, self.host)
+            else:
+                verify_certificate_ip_address(certificate, self._address)
+        except (VerificationError, CertificateError):
+            raise BackendTLSError(f"certificate is not for {self.host}") from None
 
 
 class BackendTLSError(Exception):
@@ -139,11 +117,10 @@ class BackendTLSError(Exception):
 @implementer(IHandshakeListener)
 class _Verifying(Protocol):
     """
-    Between the TLS layer and the relay's protocol, C{inner}.  C{inner} is
-    connected at once, so that it can write in clear (under the TLS layer)
-    before the ClientHello; C{ready} fires with it once the handshake has
-    verified the backend, its chain and its name.  A loss before that
-    errbacks C{ready} with a L{BackendTLSError} and does not reach
+    Between the TLS layer and the relay's protocol, C{inner}, which is
+    connected at once; C{ready} fires with it once the handshake has
+    verified the backend.  A loss before that errbacks C{ready} with a
+    L{BackendTLSError} (or the connection's failure) and does not reach
     C{inner}; cancelling C{ready} aborts.
     """
 
@@ -153,7 +130,7 @@ class _Verifying(Protocol):
         self._inner = inner
         self._tls = tls
         self._verified = False
-        self._failure: Exception | None = None
+        self._failure: Failure | None = None
         self.ready: Deferred[IProtocol] = Deferred(self._cancel)
 
     @override
@@ -163,8 +140,8 @@ class _Verifying(Protocol):
     def handshakeCompleted(self) -> None:
         try:
             self._tls.verify(self.transport.getHandle())
-        except (VerificationError, CertificateError):
-            self._failure = BackendTLSError(f"certificate is not for {self._tls.host}")
+        except BackendTLSError:
+            self._failure = Failure()
             self.transport.abortConnection()
             return
         self._verified = True
@@ -179,17 +156,13 @@ class _Verifying(Protocol):
         if self._verified:
             self._inner.connectionLost(reason)
         elif not self.ready.called:  # (cancelled: already told)
-            self.ready.errback(self._failure or _why(reason))
+            if reason.check(SSL.Error):
+                why = openssl_reasons(reason.value)  # type: ignore[arg-type]
+                reason = Failure(BackendTLSError(why))
+            self.ready.errback(self._failure or reason)
 
     def _cancel(self, ready: Deferred[IProtocol]) -> None:
         self.transport.abortConnection()
-
-
-def _why(reason: Failure) -> Failure:
-    """A handshake's failure as a L{BackendTLSError} with a short reason."""
-    if reason.check(SSL.Error):
-        return Failure(BackendTLSError(openssl_reasons(reason.value)))  # type: ignore[arg-type]
-    return reason
 
 
 class _VerifyingFactory(Factory):
@@ -198,53 +171,85 @@ class _VerifyingFactory(Factory):
     noisy = False
 
     def __init__(self, factory: IProtocolFactory, tls: BackendTLS) -> None:
-        self._factory = factory
-        self._tls = tls
+        self._factory, self._tls = factory, tls
 
     @override
     def buildProtocol(self, addr: object) -> _Verifying:
-        inner = self._factory.buildProtocol(addr)  # type: ignore[arg-type]
-        assert inner is not None
-        return _Verifying(inner, self._tls)
+        return _Verifying(self._factory.buildProtocol(addr), self._tls)  # type: ignore[arg-type]
 
 
-@implementer(IStreamClientEndpoint)
-class TLSEndpoint:
+class _Header(ProtocolWrapper):
+    """Writes the PROXY header, in clear, before anything above writes."""
+
+    factory: _HeaderFactory
+
+    @override
+    def makeConnection(self, transport: ITransport) -> None:
+        transport.write(self.factory.header)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+
+class _HeaderFactory(WrappingFactory[_Header]):
+    protocol = _Header
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory, header: bytes) -> None:
+        super().__init__(factory)  # type: ignore[no-untyped-call]
+        self.header = header
+
+
+class Receiver(typing.Protocol):
+    """What the backend's side of a pair hands on: the relay's client side."""
+
+    def backend_data(self, data: bytes) -> None: ...
+
+    def backend_lost(self, reason: Failure) -> None: ...
+
+
+class BackendSide(Protocol):
+    """The backend's side of a pair: what it receives goes to C{receiver}."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self._receiver.backend_data(data)
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._receiver.backend_lost(reason)
+
+
+class Backend:
     """
-    C{tcp}, then TLS verified as C{tls} says; C{connect}'s L{Deferred} fires
-    once the backend is verified, or fails with a L{BackendTLSError} (or the
-    TCP connection's failure).
+    The backend: C{tcp}, an endpoint, with TLS on top when C{tls} is given
+    (the endpoint of C{--connect tls:...}); C{clock} times the TLS layer.
     """
 
     def __init__(
-        self, tcp: IStreamClientEndpoint, tls: BackendTLS, clock: IReactorTime
+        self, tcp: IStreamClientEndpoint, tls: BackendTLS | None, clock: IReactorTime
     ) -> None:
-        self._tcp = tcp
-        self._tls = tls
-        self._clock = clock
+        self._tcp, self._tls, self._clock = tcp, tls, clock
 
-    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        verifying = _VerifyingFactory(factory, self._tls)
-        tls = TLSMemoryBIOFactory(self._tls, True, verifying, self._clock)
-        tls.protocol = TLSProtocol
-        return self._tcp.connect(tls).addCallback(_ready)
-
-
-def _ready(tls: IProtocol) -> Deferred[IProtocol]:
-    return tls.wrappedProtocol.ready  # type: ignore[attr-defined, no-any-return]
-
-
-def backend_endpoint(
-    reactor: object, connect: str, tls: BackendTLS | None
-) -> IStreamClientEndpoint:
-    """
-    The backend's endpoint: C{connect} as L{client_from_string} reads it,
-    with TLS on top if C{tls} is given.
-
-    @raise ValueError: C{tls} is given without a C{tls:} endpoint, or a
-        C{tls:} endpoint without it; or C{connect} is not understood.
-    """
-    if (tls is not None) != connect.startswith(TLS_PREFIX):
-        raise ValueError(f"{connect}: backend_tls goes with a tls: endpoint only")
-    tcp = client_from_string(reactor, connect)
-    return tcp if tls is None else TLSEndpoint(tcp, tls, reactor)  # type: ignore[arg-type]
+    def connect(self, receiver: Receiver, header: bytes) -> Deferred[Transport]:
+        """
+        Connect a backend side for C{receiver}, after C{header}; the
+        L{Deferred} fires with its transport once it is connected (for TLS:
+        verified), or fails.
+        """
+        tls = self._tls
+        below: IProtocolFactory = Factory.forProtocol(lambda: BackendSide(receiver))
+        below.noisy = False  # type: ignore[attr-defined]
+        if tls is not None:
+            verifying = _VerifyingFactory(below, tls)
+            below = TLSMemoryBIOFactory(tls, True, verifying, self._clock)
+            below.protocol = TLSProtocol
+        if header:
+            below = _HeaderFactory(below, header)
+        connected: Deferred[typing.Any] = self._tcp.connect(below)
+        if header:
+            connected.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+        if tls is not None:
+            connected.addCallback(lambda protocol: protocol.wrappedProtocol.ready)
+        return connected.addCallback(lambda side: side.transport)

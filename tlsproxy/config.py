@@ -20,24 +20,28 @@ from typing import TypeVar
 
 from twisted.python import usage
 
-from .tls import ConfigError
+from .values import ConfigError
 
-OptionsT = TypeVar("OptionsT", bound=usage.Options)
+OptionsT = TypeVar("OptionsT")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def read_services(
-    path: str, make: Callable[[], OptionsT], process_wide: Collection[str]
+    path: str,
+    parse: Callable[[list[str]], OptionsT],
+    kinds: Mapping[str, str],
+    process_wide: Collection[str],
 ) -> list[tuple[str, OptionsT]]:
     """
     The services of the INI file at C{path}, in its order: each section's
-    name, and the options C{make()} parsed from its keys.  Keys named in
-    C{process_wide} belong on the command line, not in the file.
+    name, and what C{parse} makes of the command line its keys say.
+    C{kinds} says what each option takes: a C{"flag"}, a C{"value"}, or
+    C{"values"} (repeatable); keys in C{process_wide} are refused.
 
     @raise ConfigError: the file cannot be read or is not INI, it has no
         section, or a section's name or one of its keys or values is
-        refused.
+        refused (by C{parse} too: its L{usage.UsageError}).
     """
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -49,37 +53,18 @@ def read_services(
         raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from None
     if not parser.sections():
         raise ConfigError(f"--config {path}: no service (a section such as [https])")
-    kinds = _kinds(make())
     _argv(f"{path} [DEFAULT]", parser.defaults(), kinds, process_wide)
     services: list[tuple[str, OptionsT]] = []
     for name in parser.sections():
         where = f"{path} [{name}]"
         if not _NAME.fullmatch(name):
             raise ConfigError(f"{where}: a name of letters, digits, '.', '_', '-'")
-        options = make()
         try:
-            argv = _argv(where, parser[name], kinds, process_wide)
-            options.parseOptions(argv)  # type: ignore[no-untyped-call]
+            parsed = parse(_argv(where, parser[name], kinds, process_wide))
         except usage.UsageError as e:
             raise ConfigError(f"{where} {_in_file_terms(str(e), kinds)}") from None
-        services.append((name, options))
+        services.append((name, parsed))
     return services
-
-
-def _kinds(options: usage.Options) -> dict[str, str]:
-    """
-    What each option of C{options} takes: a C{"flag"} (optFlags), a
-    C{"value"} (optParameters: the last one given counts) or C{"values"}
-    (an C{opt_} method that takes a value: repeatable).
-    """
-    kinds = {}
-    for spelled in options.longOpt:
-        name = spelled.rstrip("=")
-        if name in options.defaults:
-            kinds[name] = "value" if spelled.endswith("=") else "flag"
-        elif spelled.endswith("="):
-            kinds[name] = "values"
-    return kinds
 
 
 def _argv(

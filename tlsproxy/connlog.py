@@ -18,7 +18,7 @@ import attrs
 from twisted.logger import Logger
 
 from .record import ConnectionRecord
-from .tls import ConfigError
+from .values import ConfigError
 
 _log = Logger(namespace="tlsproxy")
 

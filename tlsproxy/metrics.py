@@ -5,6 +5,8 @@ and the services' live counts, served over HTTP on their own endpoint.
 
 from __future__ import annotations
 
+import ipaddress
+import typing
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -16,11 +18,36 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.application import strports
+from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
+from .endpoints import binds
 from .record import ConnectionRecord
-from .service import ProxyService
+
+_log = Logger(namespace="tlsproxy")
+
+
+class Watched(typing.Protocol):
+    """A service's counts, read when scraped (L{tlsproxy.service.ProxyService})."""
+
+    reload_failures: int
+
+    @property
+    def tls(self) -> bool: ...  # whether its clients speak TLS
+
+    @property
+    def live(self) -> int: ...
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def refused(self) -> int: ...
+
 
 PATH = [b"metrics"]  # /metrics, as the request's path segments
 
@@ -40,7 +67,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._services: dict[str, ProxyService] = {}
+        self._services: dict[str, Watched] = {}
         self.registry.register(_Counts(self._services))
         self._closed = Counter(
             "tlsproxy_connections_closed",
@@ -75,7 +102,7 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch(self, name: str, service: ProxyService) -> None:
+    def watch(self, name: str, service: Watched) -> None:
         """Report C{service}'s connections and failed reloads, as C{name}."""
         self._services[name] = service
 
@@ -92,7 +119,7 @@ class Metrics:
         watched = self._services.get(service)
         if record.handshake_time is not None:
             self._handshake.labels(service).observe(record.handshake_time)
-        elif watched is None or watched.config.certificates is not None:
+        elif watched is None or watched.tls:
             # (Under --client there is no handshake to fail.)
             self._handshake_failures.labels(service, kind).inc()
 
@@ -100,11 +127,35 @@ class Metrics:
         """The HTTP resource that serves the metrics on L{PATH}, and only there."""
         return _Page(self.registry)
 
+    def service(self, endpoint: str, reactor: object) -> IService:
+        """
+        The service of L{page} on C{endpoint}, with a warning if it listens
+        beyond loopback (the page names the services and their counts).
+        """
+        kind, _, interface = binds(endpoint)
+        if kind == "tcp" and not _loopback(interface):
+            _log.warn(
+                "--metrics {endpoint}: listening beyond loopback; anyone who"
+                " reaches it sees the services and their counts",
+                endpoint=endpoint,
+            )
+        return strports.service(
+            endpoint, Site(self.page()), typing.cast(IReactorCore, reactor)
+        )
+
+
+def _loopback(interface: str) -> bool:
+    """Whether C{interface} (an IP address, or empty: all) is a loopback one."""
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
 
 class _Counts(Collector):
     """Live, accepted and refused connections and failed reloads, when scraped."""
 
-    def __init__(self, services: dict[str, ProxyService]) -> None:
+    def __init__(self, services: dict[str, Watched]) -> None:
         self._services = services
 
     def collect(self) -> Iterator[Metric]:
@@ -127,9 +178,9 @@ class _Counts(Collector):
             labels=["service"],
         )
         for name, service in self._services.items():
-            live.add_metric([name], len(service.tls.protocols))
-            accepted.add_metric([name], service.tls.accepted)
-            refused.add_metric([name], service.tls.refused)
+            live.add_metric([name], service.live)
+            accepted.add_metric([name], service.accepted)
+            refused.add_metric([name], service.refused)
             reloads.add_metric([name], service.reload_failures)
         yield from (live, accepted, refused, reloads)
 

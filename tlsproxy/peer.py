@@ -131,6 +131,38 @@ def client_address(peer: IAddress) -> dict[str, str | int | None]:
     }
 
 
+def backend_address(local: IAddress, peer: IAddress) -> dict[str, str | int | None]:
+    """The record's backend fields: where tlsproxy is on it, and where it is."""
+    local_host, local_port = host_port(local)
+    host, port = host_port(peer)
+    return {
+        "backend_local_host": local_host,
+        "backend_local_port": local_port,
+        "backend_host": host,
+        "backend_port": port,
+    }
+
+
 def without_header(peer: IAddress) -> bool:
     """Whether C{peer} is behind a balancer that sent no valid PROXY header."""
     return isinstance(peer, Proxied) and peer.client is None
+
+
+def tls_facts(
+    connection: SSL.Connection,
+) -> tuple[dict[str, str | None], ClientIdentity | None]:
+    """
+    The record's TLS fields of a connection whose handshake is done, and its
+    client's identity (for the allow list).
+    """
+    identity = client_identity(connection.get_peer_certificate(as_cryptography=True))
+    alpn = connection.get_alpn_proto_negotiated()  # (one of ours: ASCII)
+    facts = {
+        "tls_version": connection.get_protocol_version_name(),
+        "cipher": connection.get_cipher_name(),
+        "sni": server_name(connection) or None,
+        "alpn": alpn.decode("ascii") if alpn else None,
+        "client_cert": identity.subject if identity else None,
+        "client_cn": identity.cn if identity else None,
+    }
+    return facts, identity

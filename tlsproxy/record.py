@@ -7,9 +7,12 @@ The field names are an interface (see README.rst, "Connection records").
 
 from __future__ import annotations
 
+import typing
+import uuid
 from collections.abc import Callable
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .peer import printable
@@ -53,6 +56,58 @@ class ConnectionRecord:
 
 
 RecordObserver = Callable[[ConnectionRecord], None]
+
+
+class Recording:
+    """
+    The record of one connection as it goes: the facts noted so far, the
+    bytes counted each way, and the first reason given for its end; it
+    makes a record whenever asked, and publishes the C{open} and C{close}
+    ones to C{observe}.
+    """
+
+    def __init__(self, service: str, clock: IReactorTime, observe: RecordObserver):
+        self._clock, self._observe = clock, observe
+        self.facts: dict[str, typing.Any] = {
+            "id": uuid.uuid4().hex,
+            "service": service,
+            "opened": clock.seconds(),
+        }
+        self.from_client = self.to_client = 0
+        self.reason: str | None = None
+
+    def since_opened(self) -> float:
+        """Seconds since the connection was accepted."""
+        opened: float = self.facts["opened"]
+        return self._clock.seconds() - opened
+
+    def because(self, reason: str) -> None:
+        """Note why the connection ends, unless a reason came first."""
+        if self.reason is None:
+            self.reason = reason
+
+    def record(self, **changes: typing.Any) -> ConnectionRecord:
+        """The record as it is now, with C{changes}."""
+        return ConnectionRecord(
+            **self.facts,
+            bytes_from_client=self.from_client,
+            bytes_to_client=self.to_client,
+            **changes,
+        )
+
+    def opened(self) -> None:
+        """Publish the C{open} record: the backend is connected."""
+        self._observe(self.record(event="open"))
+
+    def closed(self) -> None:
+        """Publish the C{close} record: both sides are gone."""
+        closed = self._clock.seconds()
+        duration = closed - self.facts["opened"]
+        self._observe(
+            self.record(
+                event="close", closed=closed, duration=duration, reason=self.reason
+            )
+        )
 
 
 def fan_out(observers: list[RecordObserver]) -> RecordObserver:

@@ -1,181 +1,88 @@
 """
-The proxy pair: one TLS client connection and the backend connection it
-gets once its handshake has completed.
-
+The proxy pair: one client connection and the backend connection it gets.
 L{ClientSide} owns the pair.  Its contract:
 
-  - the backend is connected only after the TLS handshake completes (at
-    once for a plain TCP client, C{--client}); client bytes decrypted before
-    the backend is there wait in L{_Connecting} (at most one read's worth:
-    the client is paused at the handshake).  A TLS backend is there once
-    verified (L{tlsproxy.backend}); the PROXY header goes before its TLS;
-  - flow control both ways: each side's transport pauses the other side's
-    reading when its write buffer is full, so a connection holds at most
-    about one read and one write buffer per direction (see README.rst);
+  - the backend is connected only after the client's TLS handshake (at
+    once for plain TCP clients, C{--client}); what the client sends
+    meanwhile waits in L{_Connecting} (one read at most: the client is
+    paused);
+  - flow control both ways: a side's full write buffer pauses the other
+    side's reading (and TLS's own answers pause their own side's: see
+    L{tlsproxy.flow});
   - every byte arrives, in order.  When the backend closes, the client gets
-    every byte and then a TLS close_notify; when the client sends
-    close_notify, the backend gets every byte and then a FIN.  Any other
-    end (a reset, a TLS error, a timeout) aborts both sides;
-  - one close path: each side's loss is counted in L{ClientSide._side_closed}
-    and when both are gone one C{close} record is published, with the
+    every byte and then close_notify; when the client sends close_notify,
+    the backend gets every byte and then a FIN.  Anything else (a reset, a
+    TLS error, a timeout) aborts both sides;
+  - one close path: when both sides are gone, one C{close} record, with the
     reason of whatever ended the connection first.
 """
 
 from __future__ import annotations
 
-import typing
-import uuid
-
-import attrs
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHandshakeListener,
-    IProtocol,
-    IPushProducer,
     IReactorTime,
-    IStreamClientEndpoint,
     ITCPTransport,
-    ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from .backend import BackendTLSError
+from .backend import Backend, BackendTLSError
+from .context import ServerConnection, openssl_reasons
+from .flow import Throttle, Transport
 from .peer import (
+    backend_address,
     client_address,
-    client_identity,
     host_port,
     server_name,
+    tls_facts,
     without_header,
 )
-from .proxyheader import HeaderEncoder, no_header
-from .record import ConnectionRecord, RecordObserver
-from .tls import ANY_CERTIFICATE, AllowList, ServerConnection, openssl_reasons
+from .proxyheader import HeaderEncoder
+from .record import Recording, RecordObserver
+from .values import AllowList, Timeouts
 
 
-@attrs.frozen(kw_only=True)
-class Timeouts:
+class _Absent:
     """
-    Seconds allowed for the TLS handshake, for connecting to the backend
-    (counted from the end of the handshake), and without traffic either way.
-    """
-
-    handshake: float = 30.0
-    connect: float = 30.0
-    idle: float = 3600.0
-
-
-class _BackendEnd(typing.Protocol):
-    """What the client side asks of its backend, whatever state it is in."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def loseConnection(self) -> None: ...
-
-    def abortConnection(self) -> None: ...
-
-    def unregisterProducer(self) -> None: ...
-
-
-class _Pausable(typing.Protocol):
-    def pauseProducing(self) -> None: ...
-
-    def resumeProducing(self) -> None: ...
-
-
-class _Transport(_BackendEnd, _Pausable, typing.Protocol):
-    """What the pair uses of the backend's transport."""
-
-    def writeSequence(self, data: list[bytes]) -> None: ...
-
-    def getHost(self) -> IAddress: ...
-
-    def getPeer(self) -> IAddress: ...
-
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
-
-
-class _NoBackend:
-    """
-    The backend before the handshake completes: nothing to close.  (No
-    client bytes arrive before the handshake completes, so nothing writes.)
+    The backend when there is none: before the handshake (no client bytes
+    come then), and once it is lost (client bytes are dropped).
     """
 
     def write(self, data: bytes) -> None:
-        raise AssertionError("client data before the TLS handshake completed")
-
-    def abortConnection(self) -> None:
         pass
 
-    loseConnection = unregisterProducer = abortConnection
+    def loseConnection(self) -> None:
+        pass
+
+    abortConnection = unregisterProducer = loseConnection
 
 
-class _Connecting:
-    """
-    The backend while it is being connected: client bytes wait here, and a
-    client that finishes cleanly meanwhile still has them delivered.
-    """
+class _Connecting(_Absent):
+    """The backend being connected: client bytes wait, a clean end is noted."""
 
-    def __init__(self, attempt: Deferred[IProtocol]) -> None:
+    def __init__(self, attempt: Deferred[Transport]) -> None:
         self.attempt = attempt
         self.chunks: list[bytes] = []
         self.closing = False
 
+    @override
     def write(self, data: bytes) -> None:
         self.chunks.append(data)
 
+    @override
     def loseConnection(self) -> None:
         self.closing = True
 
+    @override
     def abortConnection(self) -> None:
         self.attempt.cancel()
-
-    def unregisterProducer(self) -> None:
-        pass
-
-
-class _Gone:
-    """
-    The backend once its connection is lost: client bytes still arriving are
-    dropped, and there is nothing to close (a lost TLS layer must not be).
-    """
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def abortConnection(self) -> None:
-        pass
-
-    loseConnection = unregisterProducer = abortConnection
-
-
-@implementer(IPushProducer)
-@attrs.frozen
-class _Throttle:
-    """
-    Flow control from one side's transport to the other's: pausing and
-    resuming pass through; stopping does not, because a transport that is
-    lost stops its producer, and the other side must be closed by the close
-    path (with a TLS close_notify), not by the lost transport.
-    """
-
-    transport: _Pausable
-
-    def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 _TLS_ERROR = {"client": "TLS error", "backend": "backend TLS error"}
@@ -186,229 +93,159 @@ def describe(side: str, reason: Failure) -> str:
     if reason.check(ConnectionDone):
         return f"{side} closed"
     if reason.check(SSL.Error):
-        why = openssl_reasons(typing.cast(SSL.Error, reason.value))
-        return f"{_TLS_ERROR[side]}: {why}"
+        return f"{_TLS_ERROR[side]}: {openssl_reasons(reason.value)}"  # type: ignore[arg-type]
     return f"{side} error: {reason.getErrorMessage()}"
 
 
 def _no_delay(transport: object) -> None:
-    """
-    Send small writes at once on a TCP transport, as stunnel does: with
-    Nagle's algorithm a response that follows the session tickets waits for
-    the client's delayed ACK (40 ms a connection).
-    """
+    """Small writes at once (as stunnel): not after the client's delayed ACK."""
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
 
 
-def _in_clear(transport: ITransport) -> ITransport:
-    """Where bytes go unencrypted: under a TLS layer toward the backend, if any."""
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        return typing.cast(ITransport, transport.transport)
-    return transport
-
-
-def _server_tls(transport: object) -> ServerConnection | None:
-    """The TLS connection of a client, if it speaks TLS (not under --client)."""
-    if not isinstance(transport, TLSMemoryBIOProtocol):
-        return None
-    return typing.cast(ServerConnection, transport.getHandle())
-
-
-def _text(value: bytes | None) -> str | None:
-    return value.decode("ascii", "replace") if value else None
-
-
 class RelayFactory(ServerFactory):
     """
-    Builds a L{ClientSide} for each accepted TLS connection (this factory
-    sits under Twisted's C{TLSMemoryBIOFactory}).
+    Builds a L{ClientSide} for each accepted connection, TLS (C{tls}) or
+    plain; C{live} holds those not yet closed.
     """
+
+    noisy = False
 
     def __init__(
         self,
         *,
-        connect: IStreamClientEndpoint,
+        connect: Backend,
         clock: IReactorTime,
         observe: RecordObserver,
         timeouts: Timeouts,
         service: str,
-        header: HeaderEncoder = no_header,
-        allow: AllowList = ANY_CERTIFICATE,
+        header: HeaderEncoder,
+        allow: AllowList,
+        tls: bool = True,
     ) -> None:
-        self.connect = connect
-        self.clock = clock
-        self.observe = observe
-        self.timeouts = timeouts
-        self.service = service
-        self.header = header
-        self.allow = allow
+        self.connect, self.clock, self.observe = connect, clock, observe
+        self.timeouts, self.service, self.header = timeouts, service, header
+        self.allow, self.tls = allow, tls
+        self.live: set[ClientSide] = set()
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> ClientSide:
         return ClientSide(self)
 
+    @override
+    def logPrefix(self) -> str:
+        return self.service
+
 
 @implementer(IHandshakeListener)
 class ClientSide(Protocol):
-    """
-    The TLS client's side of one proxied connection, and the owner of the
-    pair (see the module's docstring for the contract).
-    """
+    """The client's side of one proxied connection, and the owner of the pair."""
 
-    transport: TLSMemoryBIOProtocol  # (a bare ProtocolWrapper under --client)
+    transport: Transport  # type: ignore[assignment]  # (TLS, or plain: --client)
 
     def __init__(self, relay: RelayFactory) -> None:
         self._relay = relay
-        # Where client bytes go: a stand-in until the backend is connected.
-        self._backend: _BackendEnd = _NoBackend()
-        # 1 while only the client is counted, 2 once the backend is tried.
-        self._open_sides = 1
-        # The first reason anything gave for ending the connection.
-        self._reason: str | None = None
-        self._from_client = 0
-        self._to_client = 0
+        self._backend: Transport | _Absent = _Absent()  # where client bytes go
+        self._open_sides = 1  # 2 once the backend is tried
 
     @override
     def connectionMade(self) -> None:
         relay = self._relay
+        relay.live.add(self)
         _no_delay(self.transport)
-        # The record's fields so far (a record is made when one is published).
-        self._facts: dict[str, typing.Any] = {
-            "id": uuid.uuid4().hex,
-            "service": relay.service,
-            "opened": relay.clock.seconds(),
-        }
+        self._record = Recording(relay.service, relay.clock, relay.observe)
         self._note_addresses()
-        # One timer for the whole connection: its period and reason change
-        # from handshake to connect to idle.
-        self._period = relay.timeouts.handshake
-        self._timeout_reason = "handshake timeout"
-        self._deadline: IDelayedCall = relay.clock.callLater(
-            self._period, self._timed_out
-        )
-        if not isinstance(self.transport, TLSMemoryBIOProtocol):
-            self._connect_backend()  # plain TCP (--client): no handshake
+        # One timer for the whole connection: handshake, connect, then idle.
+        self._period, self._why = relay.timeouts.handshake, "handshake timeout"
+        self._deadline = relay.clock.callLater(self._period, self._timed_out)
+        if not relay.tls:
+            self._connect_backend()
 
     def _note_addresses(self) -> None:
         """
-        Put the client's and the listening address in the record.  Behind a
-        front balancer (C{--listen haproxy:...}) they come from its PROXY
-        header, which has certainly arrived once the handshake is done.
+        The client's and the listening address; behind a front balancer,
+        its PROXY header's, which has come once the handshake is done.
         """
-        listen_host, listen_port = host_port(self.transport.getHost())
-        self._facts.update(listen_host=listen_host, listen_port=listen_port)
-        self._note_peer()
+        host, port = host_port(self.transport.getHost())
+        facts = self._record.facts
+        facts.update(client_address(self.transport.getPeer()))
+        facts.update(listen_host=host, listen_port=port)
 
-    def _note_peer(self) -> None:
-        """
-        Put the client's address in the record, and a front balancer's own
-        in C{balancer_host}/C{balancer_port}.  (Unlike the listening
-        address, the peers can still be read once the connection is lost.)
-        """
-        self._facts.update(client_address(self.transport.getPeer()))
-
-    def _arm(self, period: float, reason: str) -> None:
-        self._period = period
-        self._timeout_reason = reason
+    def _arm(self, period: float, why: str) -> None:
+        self._period, self._why = period, why
         self._deadline.reset(period)
 
     def handshakeCompleted(self) -> None:
-        """
-        Note the TLS facts, then connect to the backend.
-        """
-        handshake_done = self._relay.clock.seconds()
+        """Note the TLS facts, then connect to the backend if allowed."""
+        facts, identity = tls_facts(self.transport.getHandle())  # type: ignore[attr-defined]
         self._note_addresses()
-        tls = self.transport.getHandle()
-        identity = client_identity(tls.get_peer_certificate(as_cryptography=True))
-        self._facts.update(
-            handshake_time=handshake_done - self._facts["opened"],
-            tls_version=tls.get_protocol_version_name(),
-            cipher=tls.get_cipher_name(),
-            sni=server_name(tls) or None,
-            alpn=_text(tls.get_alpn_proto_negotiated()),
-            client_cert=identity and identity.subject,
-            client_cn=identity and identity.cn,
-        )
+        self._record.facts.update(facts, handshake_time=self._record.since_opened())
         refusal = self._relay.allow.refusal(identity)
         if refusal is not None:
             self.abort(refusal)
-            return
-        self._connect_backend()
+        else:
+            self._connect_backend()
 
     def _connect_backend(self) -> None:
         """Hold the client's further bytes, and connect to the backend."""
         self._connect_started = self._relay.clock.seconds()
         self.transport.pauseProducing()
         self._arm(self._relay.timeouts.connect, "backend connect timeout")
-        header = self._relay.header(self._counted(event="open"))
-        attempt = self._relay.connect.connect(_BackendFactory(self, header))
-        pending = _Connecting(attempt)
-        self._backend = pending
+        header = self._relay.header(self._record.record(event="open"))
+        attempt = self._relay.connect.connect(self, header)
+        self._backend = pending = _Connecting(attempt)
         self._open_sides = 2
         attempt.addCallbacks(
             self._backend_connected, self._backend_failed, callbackArgs=(pending,)
         )
 
-    def _backend_connected(self, backend: IProtocol, pending: _Connecting) -> None:
-        transport = typing.cast(
-            _Transport, typing.cast(_BackendSide, backend).transport
-        )
+    def _backend_connected(self, transport: Transport, pending: _Connecting) -> None:
         self._backend = transport
         _no_delay(transport)
-        local_host, local_port = host_port(transport.getHost())
-        backend_host, backend_port = host_port(transport.getPeer())
-        self._facts.update(
-            connect_time=self._relay.clock.seconds() - self._connect_started,
-            backend_local_host=local_host,
-            backend_local_port=local_port,
-            backend_host=backend_host,
-            backend_port=backend_port,
-        )
-        # What the client sent meanwhile (after the PROXY header, if any).
-        transport.writeSequence(pending.chunks)
-        self._relay.observe(self._counted(event="open"))
-        if pending.closing:
-            # The client finished while we connected: deliver, then FIN.
+        connect_time = self._relay.clock.seconds() - self._connect_started
+        addresses = backend_address(transport.getHost(), transport.getPeer())
+        self._record.facts.update(addresses, connect_time=connect_time)
+        transport.writeSequence(pending.chunks)  # what the client sent meanwhile
+        self._record.opened()
+        if pending.closing:  # the client finished meanwhile: deliver, then FIN
             transport.loseConnection()
             return
-        transport.registerProducer(_Throttle(self.transport), True)
-        self.transport.registerProducer(_Throttle(transport), True)
+        transport.registerProducer(Throttle(self.transport), True)
+        self.transport.registerProducer(Throttle(transport), True)
         self.transport.resumeProducing()
         self._arm(self._relay.timeouts.idle, "idle timeout")
 
     def _backend_failed(self, reason: Failure) -> None:
-        failed = "backend connect failed"
-        if reason.check(BackendTLSError):  # (TLS toward the backend)
-            failed = "backend TLS error"
-        self._note(f"{failed}: {reason.getErrorMessage()}")
+        tls = reason.check(BackendTLSError)
+        failed = "backend TLS error" if tls else "backend connect failed"
+        self._record.because(f"{failed}: {reason.getErrorMessage()}")
         if self._open_sides == 2:  # the client is still connected
             self.transport.abortConnection()
         self._side_closed()
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        self._from_client += len(data)
+        self._record.from_client += len(data)
         self._deadline.reset(self._period)
         self._backend.write(data)
 
     def backend_data(self, data: bytes) -> None:
         """Send the backend's bytes to the client."""
-        self._to_client += len(data)
+        self._record.to_client += len(data)
         self._deadline.reset(self._period)
         self.transport.write(data)
 
     def backend_lost(self, reason: Failure) -> None:
         """
         The backend connection is gone: a clean close gives the client every
-        byte and then close_notify; anything else aborts the client.
+        byte, then close_notify; anything else aborts the client.
         """
-        self._note(describe("backend", reason))
-        self._backend = _Gone()
+        self._record.because(describe("backend", reason))
+        self._backend = _Absent()
         if self._open_sides == 2:  # the client is still connected
             if reason.check(ConnectionDone):
                 self.transport.unregisterProducer()
-                # Read again: the client's close_notify must be able to arrive.
+                # Read on: the client's close_notify must be able to arrive.
                 self.transport.resumeProducing()
                 self.transport.loseConnection()
             else:
@@ -417,98 +254,38 @@ class ClientSide(Protocol):
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._relay.live.discard(self)
         if self._deadline.active():
             self._deadline.cancel()
-        self._note_peer()  # a PROXY header may have come without a handshake
-        refusal = None
-        tls = _server_tls(self.transport)
-        if tls is not None:
-            # The name asked for, also when the handshake failed (for the log).
-            self._facts["sni"] = server_name(tls) or None
-            refusal = tls.refusal  # (TLS's own reason, such as an SNI name)
+        peer = self.transport.getPeer()
+        self._record.facts.update(client_address(peer))
+        if without_header(peer):
+            self._record.because("no valid PROXY header")
+        if self._relay.tls:
+            tls: ServerConnection = self.transport.getHandle()  # type: ignore[attr-defined]
+            self._record.facts["sni"] = server_name(tls) or None  # (if it failed too)
+            if tls.refusal is not None:  # (TLS's own reason: an SNI name, say)
+                self._record.because(tls.refusal)
             if tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
-                # Its close_notify came: a reset after it loses nothing.
-                reason = Failure(ConnectionDone())
-        if without_header(self.transport.getPeer()):
-            refusal = "no valid PROXY header"
-        self._note(refusal or describe("client", reason))
-        self._side_closed()  # first, so that the backend sees the client gone
+                reason = Failure(ConnectionDone())  # a reset after it loses nothing
+        self._record.because(describe("client", reason))
+        self._side_closed()  # first: the backend sees the client gone
         if reason.check(ConnectionDone):
-            # (A TLS layer toward the backend closes only without a producer.)
             self._backend.unregisterProducer()
             self._backend.loseConnection()
         else:
             self._backend.abortConnection()
 
     def _timed_out(self) -> None:
-        self.abort(self._timeout_reason)
+        self.abort(self._why)
 
     def abort(self, reason: str) -> None:
         """End the connection now, both sides, for C{reason} (first wins)."""
-        self._note(reason)
+        self._record.because(reason)
         self.transport.abortConnection()
         self._backend.abortConnection()
-
-    def _note(self, reason: str) -> None:
-        if self._reason is None:
-            self._reason = reason
 
     def _side_closed(self) -> None:
         self._open_sides -= 1
         if self._open_sides == 0:
-            closed = self._relay.clock.seconds()
-            self._relay.observe(
-                self._counted(
-                    event="close",
-                    closed=closed,
-                    duration=closed - self._facts["opened"],
-                    reason=self._reason,
-                )
-            )
-
-    def _counted(self, **changes: typing.Any) -> ConnectionRecord:
-        """The record of the connection as it is now, with C{changes}."""
-        return ConnectionRecord(
-            **self._facts,
-            bytes_from_client=self._from_client,
-            bytes_to_client=self._to_client,
-            **changes,
-        )
-
-
-class _BackendSide(Protocol):
-    """
-    The backend's side of the pair: it sends the PROXY header, in clear,
-    first; everything it receives goes to its L{ClientSide}.
-    """
-
-    def __init__(self, client: ClientSide, header: bytes) -> None:
-        self._client = client
-        self._header = header
-
-    @override
-    def connectionMade(self) -> None:
-        # Under a TLS layer, this is before its ClientHello.
-        _in_clear(typing.cast(ITransport, self.transport)).write(self._header)
-
-    @override
-    def dataReceived(self, data: bytes) -> None:
-        self._client.backend_data(data)
-
-    @override
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._client.backend_lost(reason)
-
-
-class _BackendFactory(Factory):
-    """Builds the one L{_BackendSide} of a L{ClientSide}."""
-
-    noisy = False
-
-    def __init__(self, client: ClientSide, header: bytes) -> None:
-        self._client = client
-        self._header = header
-
-    @override
-    def buildProtocol(self, addr: IAddress | None) -> _BackendSide:
-        return _BackendSide(self._client, self._header)
+            self._record.closed()

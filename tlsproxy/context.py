@@ -1,0 +1,232 @@
+"""
+The server's TLS context: built from the credentials at start-up, the
+certificate chosen by the client's SNI name, built again on reload (the
+files read again) and on rotation (new session ticket keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import typing
+from collections.abc import Callable, Sequence
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from OpenSSL.SSL import Connection
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from .credentials import Credentials, Identity, read_credentials
+from .flow import CountingConnection
+from .peer import server_name
+from .values import ConfigError, TLSPolicy
+
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_SINGLE_ECDH_USE
+)
+UNKNOWN_NAME = "unknown server name (--sni-strict)"
+DEFAULT_POLICY = TLSPolicy()
+
+
+def openssl_reasons(error: Exception) -> str:
+    """OpenSSL's reason strings ("key values mismatch"), else the error."""
+    queue = error.args[0] if error.args else None
+    if isinstance(queue, list) and queue:
+        return ", ".join(str(entry[-1]) for entry in queue)
+    return str(error)
+
+
+def server_context(
+    identity: Identity, policy: TLSPolicy, client_cas: Sequence[x509.Certificate]
+) -> SSL.Context:
+    """
+    An OpenSSL context for C{identity}: TLS 1.2 and 1.3, forward-secret AEAD
+    ciphers in the server's order, no compression, no renegotiation, TLS 1.3
+    session tickets; C{policy}; a client certificate from one of
+    C{client_cas} required, if any.
+
+    @raise ConfigError: OpenSSL refuses the certificate or the key, or they
+        do not match.
+    """
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(policy.minimum)
+    context.set_options(_OPTIONS)
+    # Free a connection's buffers while idle: 29 KiB per idle connection, not 50.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    context.set_cipher_list(policy.ciphers.encode("ascii"))
+    # Always a callback, so that a client's ALPN offer never fails the
+    # handshake (Twisted 26.10's own contexts abort it: see DESIGN.md).
+    choose = functools.partial(_choose_protocol, policy.alpn)
+    context.set_alpn_select_callback(choose)  # type: ignore[arg-type]
+    # No session cache: TLS 1.2 never resumes (see _choose_certificate).
+    context.set_session_id(b"tlsproxy")
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    try:
+        context.use_certificate(identity.chain[0])
+        for extra in identity.chain[1:]:
+            context.add_extra_chain_cert(extra)
+        context.use_privatekey(identity.key)  # type: ignore[arg-type]
+        context.check_privatekey()
+    except (SSL.Error, TypeError) as e:  # TypeError: a key type OpenSSL won't use
+        raise ConfigError(f"{identity.where}: {openssl_reasons(e)}") from None
+    if client_cas:
+        store = context.get_cert_store()
+        assert store is not None
+        for authority in client_cas:
+            store.add_cert(crypto.X509.from_cryptography(authority))
+        context.set_client_ca_list(
+            [crypto.X509.from_cryptography(a).get_subject() for a in client_cas]
+        )
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    return context
+
+
+def _choose_protocol(
+    ours: tuple[bytes, ...], connection: Connection, theirs: list[bytes]
+) -> object:
+    """The first of our ALPN protocols the client offers; else none (as nginx)."""
+    return next((p for p in ours if p in theirs), SSL.NO_OVERLAPPING_PROTOCOLS)
+
+
+def _sni_context(
+    credentials: Credentials, policy: TLSPolicy, strict: bool
+) -> SSL.Context:
+    """
+    A context for each identity; every connection starts on the first's,
+    which switches it to the one that serves the client's name.
+    """
+    contexts: list[SSL.Context] = []
+    by_name: dict[str, SSL.Context] = {}
+    for identity in credentials.identities:
+        contexts.append(server_context(identity, policy, credentials.client_cas))
+        for name in identity.names():
+            by_name.setdefault(name, contexts[-1])  # the first given wins
+    contexts[0].set_tlsext_servername_callback(
+        functools.partial(_choose_certificate, by_name, strict)
+    )
+    return contexts[0]
+
+
+def _choose_certificate(
+    by_name: dict[str, SSL.Context], strict: bool, connection: Connection
+) -> None:
+    """
+    Serve the certificate for the client's SNI name: one that names it, else
+    one with a wildcard for its parent domain, else the default; in
+    C{strict} mode a name (or one that is no host name) that none serves
+    gets the C{unrecognized_name} alert (hitch's C{sni-nomatch-abort}).
+    OpenSSL calls this for every ClientHello, so it is also where a TLS 1.2
+    connection is denied a session ticket: on a TLS 1.2 resumption OpenSSL
+    would report the session's name, not the name the client sent.
+    """
+    if connection.get_protocol_version() < SSL.TLS1_3_VERSION:
+        connection.set_options(SSL.OP_NO_TICKET)
+    name = server_name(connection)
+    if name is None:
+        return
+    context = by_name.get(name) or by_name.get("*." + name.partition(".")[2])
+    if context is not None:
+        connection.set_context(context)
+    elif strict:
+        typing.cast(ServerConnection, connection).refusal = UNKNOWN_NAME
+        _refuse()
+
+
+def _refuse() -> typing.NoReturn:
+    """
+    Fail the handshake with the C{unrecognized_name} alert: pyOpenSSL sends
+    it when the SNI callback raises, after handing the exception to
+    C{sys.excepthook}, which would print a traceback for each such client.
+    A hook for that one call takes it, and puts the previous hook back.
+    """
+    previous = sys.excepthook
+
+    def taken(*exc_info: object) -> None:
+        sys.excepthook = previous
+
+    sys.excepthook = taken
+    raise _UnknownNameError(UNKNOWN_NAME)
+
+
+class _UnknownNameError(Exception):
+    """A client's SNI name that no certificate serves, in strict mode."""
+
+
+@attrs.define
+class Certificates:
+    """
+    The server's TLS context (L{context}, for new connections; live ones
+    keep theirs) and how to make it again: L{reload} reads the files again
+    (SIGHUP), L{rotate} makes new session ticket keys.
+    """
+
+    read: Callable[[], Credentials]
+    policy: TLSPolicy = DEFAULT_POLICY
+    strict: bool = False
+    credentials: Credentials = attrs.field(init=False)
+    context: SSL.Context = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        """
+        Read the files and use them.
+
+        @raise ConfigError: a file is missing or bad; the old ones stay.
+        """
+        credentials = self.read()
+        self.context = _sni_context(credentials, self.policy, self.strict)
+        self.credentials = credentials
+
+    def rotate(self) -> None:
+        """New ticket keys (a new context): older sessions no longer resume."""
+        self.context = _sni_context(self.credentials, self.policy, self.strict)
+
+
+def from_files(
+    certs: Sequence[str] = (),
+    keys: Sequence[str] = (),
+    *,
+    client_ca: str | None = None,
+    identities: Sequence[Identity] = (),
+    policy: TLSPolicy = DEFAULT_POLICY,
+    strict: bool = False,
+) -> Certificates:
+    """
+    The certificates of C{--cert certs --key keys --client-ca client_ca}
+    (L{read_credentials}), read now and on each reload.
+
+    @raise ConfigError: on any problem with any file.
+    """
+    read = functools.partial(
+        read_credentials, tuple(certs), tuple(keys), client_ca, tuple(identities)
+    )
+    return Certificates(read, policy, strict)
+
+
+class ServerConnection(CountingConnection):
+    """An accepted connection, which can tell why TLS refused it, if it did."""
+
+    refusal: str | None = None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@attrs.frozen
+class ServerTLS:
+    """
+    Each accepted connection on the current context of C{certificates}.
+    (Not Twisted's C{CertificateOptions}: it turns sessions off, and in
+    Twisted 26.10 aborts every handshake that offers ALPN.)
+    """
+
+    certificates: Certificates
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> Connection:
+        return ServerConnection(self.certificates.context, None)

@@ -1,0 +1,213 @@
+"""
+The PEM files a service reads: certificates (a file, or a directory of
+them), keys, and CA files; and the throwaway certificate of
+C{--self-signed}.  Read at start-up, before twistd chroots (and again on
+reload, inside the jail).  A mistake is a L{ConfigError} naming the option
+and the file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import ipaddress
+import os
+import stat
+from collections.abc import Sequence
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
+from twisted.logger import Logger
+
+from .values import ConfigError
+
+_log = Logger(namespace="tlsproxy")
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: {e.strerror}") from None
+
+
+def load_cas(option: str, path: str) -> tuple[x509.Certificate, ...]:
+    """
+    The certificates in the PEM file C{path} given by C{option} (a
+    certificate and its chain, or CAs).
+
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    try:
+        return tuple(x509.load_pem_x509_certificates(_read(option, path)))
+    except ValueError:
+        raise ConfigError(f"{option} {path}: no PEM certificate found") from None
+
+
+def load_key(path: str) -> PrivateKeyTypes:
+    """
+    An unencrypted PEM private key from C{path}; a warning if group or
+    others can read the file (OpenSSH refuses such a key; see README.rst).
+
+    @raise ConfigError: the file cannot be read or holds no usable key.
+    """
+    data = _read("--key", path)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o044:
+        _log.warn(
+            "--key {path}: mode {mode:04o}: group or others can read the"
+            " private key (chmod 600 it)",
+            path=path,
+            mode=mode,
+        )
+    try:
+        return load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        reason = str(e).split(".")[0]
+        raise ConfigError(
+            f"--key {path}: not a usable PEM private key ({reason})"
+        ) from None
+
+
+@attrs.frozen
+class Identity:
+    """
+    One certificate the server can present: its chain (the leaf first), its
+    key, and where they came from, for messages (C{"--cert A --key B"}).
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes
+    where: str
+
+    def names(self) -> set[str]:
+        """
+        The server names it serves, lower case: its DNS names, or its CNs
+        when it has none (as hitch does); C{*.example.com} is a wildcard.
+        """
+        leaf = self.chain[0]
+        try:
+            alternative = leaf.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+            dns = alternative.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            dns = []
+        cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return {name.lower() for name in dns or [str(a.value) for a in cns]}
+
+
+@attrs.frozen
+class Credentials:
+    """
+    What the files hold: the identities (the first is the default, for a
+    client that names no server or one none of them serves) and the CAs that
+    sign client certificates, if those are required.
+    """
+
+    identities: tuple[Identity, ...]
+    client_cas: tuple[x509.Certificate, ...] = ()
+
+
+def read_credentials(
+    certs: Sequence[str] = (),
+    keys: Sequence[str] = (),
+    client_ca: str | None = None,
+    identities: Sequence[Identity] = (),
+) -> Credentials:
+    """
+    Read C{--cert} files or directories, their C{--key} files (one per
+    C{--cert}, or none: each C{--cert} file holds its key) and the
+    C{--client-ca} file; C{identities} made in memory come first.
+
+    @raise ConfigError: on any problem with any file.
+    """
+    if not (certs or identities):
+        raise ConfigError("--cert FILE (or --self-signed NAME) is required")
+    if keys and len(keys) != len(certs):
+        raise ConfigError(
+            f"--key: {len(keys)} given for {len(certs)} --cert: give one per"
+            " --cert, or none (each --cert file then holds its key)"
+        )
+    read = list(identities)
+    paired: Sequence[str | None] = keys or [None] * len(certs)
+    for cert, key in zip(certs, paired, strict=True):
+        read += _identities(cert, key)
+    cas = () if client_ca is None else load_cas("--client-ca", client_ca)
+    return Credentials(tuple(read), cas)
+
+
+def _identities(cert: str, key: str | None) -> list[Identity]:
+    """One identity from a file, or one from each C{*.pem} of a directory."""
+    if not os.path.isdir(cert):
+        paths = [(cert, key or cert)]
+    elif key is not None:
+        raise ConfigError(f"--cert {cert} --key {key}: a directory takes no --key")
+    else:
+        found = sorted(glob.glob(os.path.join(glob.escape(cert), "*.pem")))
+        if not found:
+            raise ConfigError(f"--cert {cert}: no readable .pem file in the directory")
+        paths = [(path, path) for path in found]
+    return [
+        Identity(load_cas("--cert", c), load_key(k), f"--cert {c} --key {k}")
+        for c, k in paths
+    ]
+
+
+@attrs.frozen
+class SelfSigned:
+    """A throwaway certificate for C{--self-signed}, never written to disk."""
+
+    identity: Identity
+    fingerprint: str  # SHA-256, colon-separated hex, as openssl prints it
+
+
+def self_signed(name: str) -> SelfSigned:
+    """
+    A P-256 key and a 30-day self-signed certificate for C{name} (a DNS name
+    or an IP address).
+
+    @raise ConfigError: C{name} cannot be a certificate's name.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        alternative = _alternative_name(name)
+    except ValueError as e:
+        raise ConfigError(f"--self-signed {name}: {e}") from None
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([alternative]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    digest = certificate.fingerprint(hashes.SHA256())
+    return SelfSigned(
+        Identity((certificate,), key, f"--self-signed {name}"),
+        ":".join(f"{byte:02X}" for byte in digest),
+    )
+
+
+def _alternative_name(name: str) -> x509.GeneralName:
+    """
+    An IP address, or a DNS name (ASCII: an A-label for an IDN).
+
+    @raise ValueError: C{name} is neither.
+    """
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)

@@ -1,0 +1,159 @@
+"""
+Flow control.  Between the two sides of a pair: a side's full write buffer
+pauses the other side's reading (L{Throttle}).  Within TLS: a TLS layer
+stops reading from its peer while what TLS itself answers to that peer's
+bytes (a KeyUpdate that asks for one, an alert) waits in a full transport
+buffer, so that however the peer sends it holds at most one read's answers
+beyond the buffer, from the handshake to the close (OpenSSL answers even
+after its own close_notify) (L{TLSProtocol}: both sides use it, the
+clients' TLS and a C{tls:} backend's).
+"""
+
+from __future__ import annotations
+
+import typing
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.interfaces import IAddress, IPushProducer, ITransport
+from twisted.protocols.tls import BufferingTLSTransport
+from typing_extensions import override
+from zope.interface import implementer
+
+
+class Transport(typing.Protocol):
+    """What a relay uses of each side's transport."""
+
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: list[bytes]) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def getHost(self) -> IAddress: ...
+    def getPeer(self) -> IAddress: ...
+
+
+@implementer(IPushProducer)
+@attrs.frozen
+class Throttle:
+    """
+    The producer a side's transport is given for the other side: pausing
+    and resuming reach the other side's reading; stopping does not (a lost
+    side is closed by the relay's close path, with close_notify, not by its
+    lost transport).
+    """
+
+    other: Transport
+
+    def pauseProducing(self) -> None:
+        self.other.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.other.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class CountingConnection(SSL.Connection):
+    """An OpenSSL connection that counts the bytes TLS gives its transport."""
+
+    written = 0
+
+    @override
+    def bio_read(self, bufsiz: int) -> bytes:
+        data = super().bio_read(bufsiz)
+        self.written += len(data)
+        return data
+
+
+@implementer(IPushProducer)
+class _Drain:
+    """
+    The producer a L{TLSProtocol} keeps registered with its transport from
+    the start: the transport's buffer is full while it is paused.  Pausing
+    and resuming pass on to the layer above's producer, if it has one.  A
+    transport that is closing waits for its producer to resume; then this
+    one steps aside, and the transport closes.
+    """
+
+    def __init__(self, tls: TLSProtocol) -> None:
+        self.tls = tls
+        self.above: IPushProducer | None = None
+
+    def pauseProducing(self) -> None:
+        self.tls.full = True
+        if self.above is not None:
+            self.above.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        transport = self.tls.transport
+        if transport.disconnecting:  # type: ignore[union-attr]
+            transport.unregisterProducer()  # type: ignore[union-attr]
+            return
+        self.tls.drained()
+        if self.above is not None:
+            self.above.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.above is not None:
+            self.above.stopProducing()
+
+
+class TLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS protocol (small writes aggregated), over a
+    L{CountingConnection}.  The layer above pauses and resumes reading as
+    before: the transport reads while neither it nor an answer holds it.
+    Its producer is never the TLS layer's own, so that L{loseConnection}
+    sends close_notify at once, whatever is registered.
+    """
+
+    full = False  # the transport's buffer is full
+    _held = False  # by the layer above
+    _answering = False  # answers wait in the full buffer
+
+    @override
+    def makeConnection(self, transport: ITransport) -> None:
+        self._drain = _Drain(self)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+        transport.registerProducer(self._drain, True)  # type: ignore[attr-defined]
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        connection: CountingConnection = self.getHandle()  # type: ignore[no-untyped-call]
+        before = connection.written
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        if self.full and connection.written != before:
+            self._answering = True
+            self._reading()
+
+    def drained(self) -> None:
+        """The transport's buffer is no longer full."""
+        self.full = self._answering = False
+        self._reading()
+
+    def pauseProducing(self) -> None:
+        self._held = True
+        self._reading()
+
+    def resumeProducing(self) -> None:
+        self._held = False
+        self._reading()
+
+    def _reading(self) -> None:
+        if self._held or self._answering:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        else:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    @override
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        self._drain.above = producer
+
+    @override
+    def unregisterProducer(self) -> None:
+        self._drain.above = None

@@ -1,0 +1,101 @@
+"""
+What only twistd's process gets, around its services: a port that cannot be
+bound ends start-up with one line and exit status 1, not a traceback;
+SIGTERM drains and exits with status 0; SIGHUP reloads every service's
+certificates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
+from typing_extensions import override
+
+from .service import ProxyService
+
+
+class StartupError(Exception):
+    """
+    A failure after the options were accepted; its text is one line.  (An
+    C{Exception}: twistd reports those to its parent when it daemonizes.)
+    """
+
+
+def one_line(hook: Callable[..., object]) -> Callable[..., object]:
+    """
+    C{sys.excepthook} for twistd: a L{StartupError} escaping it prints its
+    one line instead of a traceback (the exit status stays 1).
+    """
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if issubclass(kind, StartupError):
+            sys.stderr.write(f"{value}\n")
+        else:
+            hook(kind, value, tb)
+
+    return excepthook
+
+
+class Process(MultiService):
+    """
+    The services of twistd's process; C{proxies} are the proxies among
+    them, in the order of the command line or the file.
+    """
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reactor = reactor
+        self._where: dict[IService, str] = {}
+        self.proxies: list[ProxyService] = []
+        self._sighup = signal.getsignal(signal.SIGHUP)  # put back on stop
+
+    def add(self, service: IService, where: str) -> None:
+        """Start and stop C{service} too; a bind failure names it C{where}."""
+        service.setServiceParent(self)
+        self._where[service] = where
+        if isinstance(service, ProxyService):
+            self.proxies.append(service)
+
+    @override
+    def privilegedStartService(self) -> None:
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except CannotListenError as e:
+                raise StartupError(f"tlsproxy: {self._where[service]}: {e}") from None
+
+    @override
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        # After the reactor's own handlers, which it installs once running.
+        self._reactor.callWhenRunning(self._take_signals)
+
+    def _take_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        signal.signal(signal.SIGHUP, self._sighup)
+        return super().stopService()  # type: ignore[no-any-return,no-untyped-call]
+
+    def _on_signal(self, number: int, frame: object) -> None:
+        act = self._stop if number == signal.SIGTERM else self._reload
+        IReactorThreads(self._reactor).callFromThread(act)
+
+    def _reload(self) -> None:
+        for proxy in self.proxies:
+            proxy.reload()
+
+    def _stop(self) -> None:
+        # twistd would re-raise SIGTERM once stopped (status "killed"); a
+        # stop after the drain is status 0.
+        with contextlib.suppress(ReactorNotRunning):  # (a second SIGTERM)
+            self._reactor.stop()
