@@ -34,7 +34,7 @@ from tlsproxy.listen import LimitedTLSFactory, SharedLimit, behind_balancer_fact
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory
-from tlsproxy.values import AllowList, Limits, Timeouts, TLSPolicy
+from tlsproxy.values import AllowList, Limits, ProxyConfig, Timeouts, TLSPolicy
 
 DEFAULTS = Timeouts()
 ANY_CERTIFICATE = AllowList()
@@ -181,17 +181,25 @@ class Pair:
         self.clock = Clock()
         self.records: list[ConnectionRecord] = []
         self.endpoint = Endpoint()
-        relay = RelayFactory(
-            connect=Backend(self.endpoint, backend_tls, self.clock),
-            clock=self.clock,
-            observe=self.records.append,
+        certificates = certificates or leaf_certificates(policy, client_cas)
+        config = ProxyConfig(
+            listen="tcp:0",
+            connect="tls:h:1" if backend_tls else "tcp:h:1",
+            certificates=certificates,
+            backend_tls=backend_tls,
             timeouts=timeouts,
             service="test",
             header=header,
             allow=allow,
         )
+        relay = RelayFactory(
+            config,
+            Backend(self.endpoint, backend_tls, self.clock),
+            self.clock,
+            self.records.append,
+        )
         server_factory = LimitedTLSFactory(
-            certificates or leaf_certificates(policy, client_cas),
+            certificates,
             relay,
             self.clock,
             Limits(),

@@ -24,12 +24,11 @@ from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import DEFAULT_POLICY, Certificates, ServerTLS
 from tlsproxy.endpoints import client_from_string, host_of
 from tlsproxy.listen import LimitedPlainFactory, SharedLimit
-from tlsproxy.proxyheader import no_header, v1
+from tlsproxy.proxyheader import v1
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory
 from tlsproxy.service import proxy_service
 from tlsproxy.values import (
-    AllowList,
     ConfigError,
     Limits,
     ProxyConfig,
@@ -405,15 +404,19 @@ class ClientModeTests(SynchronousTestCase):
         self.records: list[ConnectionRecord] = []
         self.endpoint = Endpoint()
         tls = BackendTLS("backend.example", pem_file(self, CA))
-        relay = RelayFactory(
-            connect=Backend(self.endpoint, tls, self.clock),
-            clock=self.clock,
-            observe=self.records.append,
+        config = ProxyConfig(
+            listen="tcp:0",
+            connect="tls:backend.example:443",
+            certificates=None,
+            backend_tls=tls,
             timeouts=timeouts,
             service="client",
-            header=no_header,
-            allow=AllowList(),
-            tls=False,
+        )
+        relay = RelayFactory(
+            config,
+            Backend(self.endpoint, tls, self.clock),
+            self.clock,
+            self.records.append,
         )
         self.factory = LimitedPlainFactory(relay, self.clock, Limits(), SharedLimit())
         self.server = self.factory.buildProtocol(self.CLIENT)

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from tlsproxy import tap
-from tlsproxy.metrics import Metrics, reason_kind
+from tlsproxy.metrics import Metrics, Page, reason_kind
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.service import ProxyService
 from tlsproxy.values import Limits, ProxyConfig
@@ -176,7 +176,7 @@ class MetricsTests(SynchronousTestCase):
         self.metrics.observe(CLOSE)
         for path in [[b""], [b"metrics", b""], [b"x"], [b"metrics", b"x"]]:
             request = DummyRequest(path)
-            body = self.metrics.page().render(request)
+            body = Page(self.metrics.registry).render(request)
             self.assertEqual(request.responseCode, 404)
             self.assertNotIn(b"tlsproxy_", body)
 
@@ -184,7 +184,7 @@ class MetricsTests(SynchronousTestCase):
         """The page is Prometheus' text format."""
         self.metrics.observe(CLOSE)
         request = DummyRequest([b"metrics"])
-        body = self.metrics.page().render(request)
+        body = Page(self.metrics.registry).render(request)
         self.assertIn(b"tlsproxy_connections_closed_total{", body)
         self.assertTrue(
             request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(

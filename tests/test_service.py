@@ -26,10 +26,9 @@ from tlsproxy.credentials import Credentials
 from tlsproxy.flow import TLSProtocol
 from tlsproxy.listen import LimitedTLSFactory, SharedLimit
 from tlsproxy.process import Process
-from tlsproxy.proxyheader import no_header
 from tlsproxy.relay import RelayFactory
 from tlsproxy.service import TICKET_KEY_LIFETIME, ProxyService
-from tlsproxy.values import AllowList, ConfigError, Limits, ProxyConfig, Timeouts
+from tlsproxy.values import ConfigError, Limits, ProxyConfig
 
 from .memory import CA, Endpoint, Transport, leaf_certificates
 
@@ -46,17 +45,18 @@ class Accepting:
     ) -> None:
         self.clock = Clock()
         self.records: list[object] = []
+        certificates = leaf_certificates()
+        config = ProxyConfig(
+            listen="tcp:0", connect="tcp:h:1", certificates=certificates, service=name
+        )
         self.relay = RelayFactory(
-            connect=Backend(Endpoint(), None, self.clock),
-            clock=self.clock,
-            observe=self.records.append,
-            timeouts=Timeouts(),
-            service=name,
-            header=no_header,
-            allow=AllowList(),
+            config,
+            Backend(Endpoint(), None, self.clock),
+            self.clock,
+            self.records.append,
         )
         self.factory = LimitedTLSFactory(
-            leaf_certificates(), self.relay, self.clock, limits, shared or SharedLimit()
+            certificates, self.relay, self.clock, limits, shared or SharedLimit()
         )
 
     def service(self, config: ProxyConfig) -> ProxyService:

@@ -1,11 +1,9 @@
 """
-The way to the backend: its endpoint (C{--connect}), the PROXY header that
-goes first, in clear, and TLS on top for C{--connect tls:HOST:PORT}: TCP
-(so C{bindAddress} and C{timeout} work as for C{tcp:}), then a handshake
-that verifies the certificate, against C{--backend-ca} or the platform's
-trust, and its name, HOST.  A TLS backend counts as connected only once it
-is verified: the relay's connect timeout covers the handshake, and a backend
-that fails verification is a failed connect with a one-line reason.
+The way to the backend: its TCP (or UNIX) endpoint, the PROXY header that
+goes first, in clear, and for C{--connect tls:} TLS verified against
+C{--backend-ca} (or the platform's trust) and for HOST.  A TLS backend
+counts as connected once verified: the connect timeout covers its
+handshake, and one that fails verification is a failed connect.
 """
 
 from __future__ import annotations
@@ -23,14 +21,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
-    IProtocol,
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
-    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -44,17 +39,15 @@ from .flow import CountingConnection, TLSProtocol, Transport
 @implementer(IOpenSSLClientConnectionCreator)
 class BackendTLS:
     """
-    What a TLS backend must prove: a certificate for C{host} (a DNS name or
-    an IP address) from a CA in C{ca_path} (C{--backend-ca}), or from the
-    platform's trust when C{None}.  tlsproxy offers TLS 1.2 or later, SNI
-    for a name, no ALPN.  Each connection starts with the trust current then.
+    A TLS backend must show a certificate for C{host} (a name or an IP
+    address) from a CA of C{ca_path}, or of the platform's trust if None.
+    tlsproxy offers TLS 1.2 or later, SNI for a name, no ALPN.
 
     @raise ConfigError: C{ca_path} cannot be read or has no certificate.
     """
 
     def __init__(self, host: str, ca_path: str | None = None) -> None:
-        self.host = host
-        self.ca_path = ca_path
+        self.host, self.ca_path = host, ca_path
         try:
             self._address: str | None = str(ipaddress.ip_address(host))
         except ValueError:
@@ -63,8 +56,8 @@ class BackendTLS:
 
     def reload(self) -> None:
         """
-        Read C{ca_path} again, for new connections.  The platform's CAs are
-        not read again: in a jail they are not there.
+        Read C{ca_path} again, for new connections (not the platform's: in a
+        jail it is not there).
 
         @raise ConfigError: the file is now bad; the trust in use stays.
         """
@@ -94,10 +87,8 @@ class BackendTLS:
 
     def verify(self, connection: SSL.Connection) -> None:
         """
-        Check that the (chain-verified) certificate of C{connection} is for
-        C{host}.
-
-        @raise BackendTLSError: it is not.
+        Check that the certificate of C{connection} (its chain verified) is
+        for C{host}; else raise L{BackendTLSError}.
         """
         certificate = connection.get_peer_certificate(as_cryptography=True)
         assert certificate is not None  # (VERIFY_PEER)
@@ -114,92 +105,8 @@ class BackendTLSError(Exception):
     """The backend's TLS handshake failed; C{str()} is one line why."""
 
 
-@implementer(IHandshakeListener)
-class _Verifying(Protocol):
-    """
-    Between the TLS layer and the relay's protocol, C{inner}, which is
-    connected at once; C{ready} fires with it once the handshake has
-    verified the backend.  A loss before that errbacks C{ready} with a
-    L{BackendTLSError} (or the connection's failure) and does not reach
-    C{inner}; cancelling C{ready} aborts.
-    """
-
-    transport: TLSMemoryBIOProtocol
-
-    def __init__(self, inner: IProtocol, tls: BackendTLS) -> None:
-        self._inner = inner
-        self._tls = tls
-        self._verified = False
-        self._failure: Failure | None = None
-        self.ready: Deferred[IProtocol] = Deferred(self._cancel)
-
-    @override
-    def connectionMade(self) -> None:
-        self._inner.makeConnection(self.transport)
-
-    def handshakeCompleted(self) -> None:
-        try:
-            self._tls.verify(self.transport.getHandle())
-        except BackendTLSError:
-            self._failure = Failure()
-            self.transport.abortConnection()
-            return
-        self._verified = True
-        self.ready.callback(self._inner)
-
-    @override
-    def dataReceived(self, data: bytes) -> None:
-        self._inner.dataReceived(data)
-
-    @override
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._verified:
-            self._inner.connectionLost(reason)
-        elif not self.ready.called:  # (cancelled: already told)
-            if reason.check(SSL.Error):
-                why = openssl_reasons(reason.value)  # type: ignore[arg-type]
-                reason = Failure(BackendTLSError(why))
-            self.ready.errback(self._failure or reason)
-
-    def _cancel(self, ready: Deferred[IProtocol]) -> None:
-        self.transport.abortConnection()
-
-
-class _VerifyingFactory(Factory):
-    """Builds a L{_Verifying} around each protocol of C{factory}."""
-
-    noisy = False
-
-    def __init__(self, factory: IProtocolFactory, tls: BackendTLS) -> None:
-        self._factory, self._tls = factory, tls
-
-    @override
-    def buildProtocol(self, addr: object) -> _Verifying:
-        return _Verifying(self._factory.buildProtocol(addr), self._tls)  # type: ignore[arg-type]
-
-
-class _Header(ProtocolWrapper):
-    """Writes the PROXY header, in clear, before anything above writes."""
-
-    factory: _HeaderFactory
-
-    @override
-    def makeConnection(self, transport: ITransport) -> None:
-        transport.write(self.factory.header)
-        super().makeConnection(transport)  # type: ignore[no-untyped-call]
-
-
-class _HeaderFactory(WrappingFactory[_Header]):
-    protocol = _Header
-    noisy = False
-
-    def __init__(self, factory: IProtocolFactory, header: bytes) -> None:
-        super().__init__(factory)  # type: ignore[no-untyped-call]
-        self.header = header
-
-
 class Receiver(typing.Protocol):
-    """What the backend's side of a pair hands on: the relay's client side."""
+    """What the backend's side hands its bytes and its end to: the relay."""
 
     def backend_data(self, data: bytes) -> None: ...
 
@@ -207,10 +114,34 @@ class Receiver(typing.Protocol):
 
 
 class BackendSide(Protocol):
-    """The backend's side of a pair: what it receives goes to C{receiver}."""
+    """
+    The backend's side of a pair: it writes C{header} first, in clear (under
+    TLS, it is below it: see L{_Verified}); what it receives goes to
+    C{receiver}.  C{ready} fires with its transport once it is connected
+    (for TLS: verified), or fails with why it could not be.
+    """
 
-    def __init__(self, receiver: Receiver) -> None:
-        self._receiver = receiver
+    def __init__(self, receiver: Receiver, header: bytes) -> None:
+        self._receiver, self._header = receiver, header
+        self.ready: Deferred[Transport] = Deferred(self._cancel)
+        self.connecting: Deferred[typing.Any] = Deferred()  # (the endpoint's)
+        self._verified = False  # for TLS: the handshake verified the backend
+
+    @override
+    def connectionMade(self) -> None:
+        self.transport.write(self._header)  # type: ignore[union-attr]
+        self.ready.callback(self.transport)  # type: ignore[arg-type]
+
+    def failed(self, reason: Failure) -> None:
+        """The endpoint could not connect: C{ready} says why."""
+        if not self.ready.called:
+            self.ready.errback(reason)
+
+    def _cancel(self, ready: object) -> None:
+        if self.transport is None:
+            self.connecting.cancel()
+        else:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -221,10 +152,49 @@ class BackendSide(Protocol):
         self._receiver.backend_lost(reason)
 
 
+@implementer(IHandshakeListener)
+class _Verified(BackendSide):
+    """
+    A L{BackendSide} under TLS: the header goes below TLS, before the
+    ClientHello; C{ready} fires once the handshake has verified the backend.
+    A loss before that errbacks C{ready} and is not the receiver's.
+    """
+
+    transport: TLSMemoryBIOProtocol
+
+    def __init__(self, receiver: Receiver, header: bytes, tls: BackendTLS) -> None:
+        super().__init__(receiver, header)
+        self._tls = tls
+
+    @override
+    def connectionMade(self) -> None:
+        self.transport.transport.write(self._header)  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        try:
+            self._tls.verify(self.transport.getHandle())
+        except BackendTLSError:
+            self.ready.errback()
+            self.transport.abortConnection()
+            return
+        self._verified = True
+        self.ready.callback(self.transport)
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._verified:
+            super().connectionLost(reason)
+        elif not self.ready.called:  # (else told already: cancelled, refused)
+            if reason.check(SSL.Error):
+                why = openssl_reasons(reason.value)  # type: ignore[arg-type]
+                reason = Failure(BackendTLSError(why))
+            self.ready.errback(reason)
+
+
 class Backend:
     """
     The backend: C{tcp}, an endpoint, with TLS on top when C{tls} is given
-    (the endpoint of C{--connect tls:...}); C{clock} times the TLS layer.
+    (for C{--connect tls:...}); C{clock} times the TLS layer.
     """
 
     def __init__(
@@ -234,22 +204,20 @@ class Backend:
 
     def connect(self, receiver: Receiver, header: bytes) -> Deferred[Transport]:
         """
-        Connect a backend side for C{receiver}, after C{header}; the
-        L{Deferred} fires with its transport once it is connected (for TLS:
-        verified), or fails.
+        Connect a backend side for C{receiver}, C{header} first; its
+        transport once it is connected (for TLS: verified), or a failure.
         """
         tls = self._tls
-        below: IProtocolFactory = Factory.forProtocol(lambda: BackendSide(receiver))
-        below.noisy = False  # type: ignore[attr-defined]
+        side = (
+            BackendSide(receiver, header)
+            if tls is None
+            else _Verified(receiver, header, tls)
+        )
+        factory: IProtocolFactory = Factory.forProtocol(lambda: side)
+        factory.noisy = False  # type: ignore[attr-defined]
         if tls is not None:
-            verifying = _VerifyingFactory(below, tls)
-            below = TLSMemoryBIOFactory(tls, True, verifying, self._clock)
-            below.protocol = TLSProtocol
-        if header:
-            below = _HeaderFactory(below, header)
-        connected: Deferred[typing.Any] = self._tcp.connect(below)
-        if header:
-            connected.addCallback(lambda wrapper: wrapper.wrappedProtocol)
-        if tls is not None:
-            connected.addCallback(lambda protocol: protocol.wrappedProtocol.ready)
-        return connected.addCallback(lambda side: side.transport)
+            factory = TLSMemoryBIOFactory(tls, True, factory, self._clock)
+            factory.protocol = TLSProtocol
+        side.connecting = self._tcp.connect(factory)
+        side.connecting.addErrback(side.failed)
+        return side.ready

@@ -1,9 +1,7 @@
 """
-The PEM files a service reads: certificates (a file, or a directory of
-them), keys, and CA files; and the throwaway certificate of
-C{--self-signed}.  Read at start-up, before twistd chroots (and again on
-reload, inside the jail).  A mistake is a L{ConfigError} naming the option
-and the file.
+The PEM files a service reads (certificates, keys, CAs) at start-up, before
+twistd chroots, and on reload; and C{--self-signed}'s throwaway certificate.
+A mistake is a L{ConfigError} naming the option and the file.
 """
 
 from __future__ import annotations
@@ -40,10 +38,9 @@ def _read(option: str, path: str) -> bytes:
 
 def load_cas(option: str, path: str) -> tuple[x509.Certificate, ...]:
     """
-    The certificates in the PEM file C{path} given by C{option} (a
-    certificate and its chain, or CAs).
+    The certificates of the PEM file C{path}, given by C{option}.
 
-    @raise ConfigError: the file cannot be read or holds no certificate.
+    @raise ConfigError: the file cannot be read or holds none.
     """
     try:
         return tuple(x509.load_pem_x509_certificates(_read(option, path)))
@@ -53,8 +50,8 @@ def load_cas(option: str, path: str) -> tuple[x509.Certificate, ...]:
 
 def load_key(path: str) -> PrivateKeyTypes:
     """
-    An unencrypted PEM private key from C{path}; a warning if group or
-    others can read the file (OpenSSH refuses such a key; see README.rst).
+    The unencrypted PEM private key of C{path}; a warning if group or others
+    can read it.
 
     @raise ConfigError: the file cannot be read or holds no usable key.
     """
@@ -78,20 +75,14 @@ def load_key(path: str) -> PrivateKeyTypes:
 
 @attrs.frozen
 class Identity:
-    """
-    One certificate the server can present: its chain (the leaf first), its
-    key, and where they came from, for messages (C{"--cert A --key B"}).
-    """
+    """A certificate chain (the leaf first), its key, and where they came from."""
 
     chain: tuple[x509.Certificate, ...]
     key: PrivateKeyTypes
     where: str
 
     def names(self) -> set[str]:
-        """
-        The server names it serves, lower case: its DNS names, or its CNs
-        when it has none (as hitch does); C{*.example.com} is a wildcard.
-        """
+        """The names it serves, lower case: its DNS names, else its CNs (as hitch)."""
         leaf = self.chain[0]
         try:
             alternative = leaf.extensions.get_extension_for_class(
@@ -106,11 +97,7 @@ class Identity:
 
 @attrs.frozen
 class Credentials:
-    """
-    What the files hold: the identities (the first is the default, for a
-    client that names no server or one none of them serves) and the CAs that
-    sign client certificates, if those are required.
-    """
+    """The identities (the first is the default) and the client CAs, if any."""
 
     identities: tuple[Identity, ...]
     client_cas: tuple[x509.Certificate, ...] = ()
@@ -124,8 +111,8 @@ def read_credentials(
 ) -> Credentials:
     """
     Read C{--cert} files or directories, their C{--key} files (one per
-    C{--cert}, or none: each C{--cert} file holds its key) and the
-    C{--client-ca} file; C{identities} made in memory come first.
+    C{--cert}, or none: each holds its key), the C{--client-ca} file;
+    C{identities} made in memory come first.
 
     @raise ConfigError: on any problem with any file.
     """
@@ -163,16 +150,15 @@ def _identities(cert: str, key: str | None) -> list[Identity]:
 
 @attrs.frozen
 class SelfSigned:
-    """A throwaway certificate for C{--self-signed}, never written to disk."""
+    """A throwaway certificate, never on disk, and its SHA-256 fingerprint."""
 
     identity: Identity
-    fingerprint: str  # SHA-256, colon-separated hex, as openssl prints it
+    fingerprint: str
 
 
 def self_signed(name: str) -> SelfSigned:
     """
-    A P-256 key and a 30-day self-signed certificate for C{name} (a DNS name
-    or an IP address).
+    A P-256 key and a 30-day certificate for C{name}, a DNS name or an IP.
 
     @raise ConfigError: C{name} cannot be a certificate's name.
     """
@@ -202,11 +188,7 @@ def self_signed(name: str) -> SelfSigned:
 
 
 def _alternative_name(name: str) -> x509.GeneralName:
-    """
-    An IP address, or a DNS name (ASCII: an A-label for an IDN).
-
-    @raise ValueError: C{name} is neither.
-    """
+    """An IP address, or else a DNS name (ValueError if neither)."""
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:

@@ -1,12 +1,9 @@
 """
-Flow control.  Between the two sides of a pair: a side's full write buffer
-pauses the other side's reading (L{Throttle}).  Within TLS: a TLS layer
-stops reading from its peer while what TLS itself answers to that peer's
-bytes (a KeyUpdate that asks for one, an alert) waits in a full transport
-buffer, so that however the peer sends it holds at most one read's answers
-beyond the buffer, from the handshake to the close (OpenSSL answers even
-after its own close_notify) (L{TLSProtocol}: both sides use it, the
-clients' TLS and a C{tls:} backend's).
+Flow control: a side's full write buffer pauses the other side's reading
+(L{Throttle}); and a TLS layer stops reading its peer while what TLS itself
+answers to that peer (a KeyUpdate that asks for one, an alert) waits in a
+full buffer, so that it holds at most one read's answers beyond it
+(L{TLSProtocol}, on both sides).
 """
 
 from __future__ import annotations
@@ -40,10 +37,9 @@ class Transport(typing.Protocol):
 @attrs.frozen
 class Throttle:
     """
-    The producer a side's transport is given for the other side: pausing
-    and resuming reach the other side's reading; stopping does not (a lost
-    side is closed by the relay's close path, with close_notify, not by its
-    lost transport).
+    The producer a side's transport gets: pausing and resuming reach the
+    C{other} side's reading; stopping does not (the relay closes a lost
+    side's peer itself, with close_notify).
     """
 
     other: Transport

@@ -1,6 +1,6 @@
 """
-Prometheus metrics, made by prometheus_client from the connection records
-and the services' live counts, served over HTTP on their own endpoint.
+Prometheus metrics (prometheus_client) from the connection records and the
+services' counts, served over HTTP at C{/metrics} on their own endpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorCore
@@ -29,29 +28,21 @@ from .endpoints import binds
 from .record import ConnectionRecord
 
 _log = Logger(namespace="tlsproxy")
+_LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# The counts read from each service when scraped: name, attribute, help.
+_COUNTS = [
+    ("connections_live", "live", "Connections open now."),
+    ("connections_accepted", "accepted", "Connections accepted (not refused)."),
+    ("connections_refused", "refused", "Connections closed at once: over a limit."),
+    ("reload_failures", "reload_failures", "Reloads that kept the old files."),
+]
 
 
 class Watched(typing.Protocol):
-    """A service's counts, read when scraped (L{tlsproxy.service.ProxyService})."""
-
-    reload_failures: int
+    """A service's counts (L{tlsproxy.service.ProxyService}'s), and C{tls}."""
 
     @property
-    def tls(self) -> bool: ...  # whether its clients speak TLS
-
-    @property
-    def live(self) -> int: ...
-
-    @property
-    def accepted(self) -> int: ...
-
-    @property
-    def refused(self) -> int: ...
-
-
-PATH = [b"metrics"]  # /metrics, as the request's path segments
-
-_LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    def tls(self) -> bool: ...
 
 
 def reason_kind(reason: str | None) -> str:
@@ -61,49 +52,46 @@ def reason_kind(reason: str | None) -> str:
 
 class Metrics:
     """
-    The metrics of one process: a record observer (L{observe}) and the live
-    counts and reload failures of each service (L{watch}).
+    The metrics of one process: L{observe} counts each connection record,
+    L{watch} adds a service's counts.
     """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
         self._services: dict[str, Watched] = {}
-        self.registry.register(_Counts(self._services))
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        labels, reg = ["service", "reason"], self.registry
         self._closed = Counter(
-            "tlsproxy_connections_closed",
-            "Connections ended, by service and close reason.",
-            ["service", "reason"],
-            registry=self.registry,
+            "tlsproxy_connections_closed", "Connections ended.", labels, registry=reg
         )
-        self._handshake_failures = Counter(
+        self._failures = Counter(
             "tlsproxy_handshake_failures",
             "Connections that ended before their TLS handshake completed.",
-            ["service", "reason"],
-            registry=self.registry,
+            labels,
+            registry=reg,
         )
         self._bytes = Counter(
             "tlsproxy_bytes",
             "Bytes relayed, counted when a connection ends.",
             ["service", "direction"],
-            registry=self.registry,
+            registry=reg,
         )
-        self._handshake = Histogram(
-            "tlsproxy_handshake_seconds",
-            "TLS handshake time, from the accept.",
-            ["service"],
-            buckets=_LATENCY,
-            registry=self.registry,
-        )
-        self._connect = Histogram(
-            "tlsproxy_backend_connect_seconds",
-            "Backend connection time, from the end of the handshake.",
-            ["service"],
-            buckets=_LATENCY,
-            registry=self.registry,
+        self._handshake, self._connect = (
+            Histogram(
+                f"tlsproxy_{name}_seconds",
+                text,
+                ["service"],
+                buckets=_LATENCY,
+                registry=reg,
+            )
+            for name, text in [
+                ("handshake", "TLS handshake time, from the accept."),
+                ("backend_connect", "Backend connection time, from the handshake."),
+            ]
         )
 
     def watch(self, name: str, service: Watched) -> None:
-        """Report C{service}'s connections and failed reloads, as C{name}."""
+        """Report C{service}'s counts, labelled C{name}."""
         self._services[name] = service
 
     def observe(self, record: ConnectionRecord) -> None:
@@ -119,18 +107,22 @@ class Metrics:
         watched = self._services.get(service)
         if record.handshake_time is not None:
             self._handshake.labels(service).observe(record.handshake_time)
-        elif watched is None or watched.tls:
-            # (Under --client there is no handshake to fail.)
-            self._handshake_failures.labels(service, kind).inc()
+        elif watched is None or watched.tls:  # (--client: no handshake to fail)
+            self._failures.labels(service, kind).inc()
 
-    def page(self) -> Resource:
-        """The HTTP resource that serves the metrics on L{PATH}, and only there."""
-        return _Page(self.registry)
+    def collect(self) -> Iterator[Metric]:
+        """The services' counts, as the registry reads them when scraped."""
+        for name, attribute, text in _COUNTS:
+            kind = GaugeMetricFamily if name.endswith("live") else CounterMetricFamily
+            family = kind(f"tlsproxy_{name}", text, labels=["service"])
+            for service, counts in self._services.items():
+                family.add_metric([service], getattr(counts, attribute))
+            yield family
 
     def service(self, endpoint: str, reactor: object) -> IService:
         """
-        The service of L{page} on C{endpoint}, with a warning if it listens
-        beyond loopback (the page names the services and their counts).
+        The service of the page on C{endpoint}; a warning if it listens beyond
+        loopback (the page names the services and their counts).
         """
         kind, _, interface = binds(endpoint)
         if kind == "tcp" and not _loopback(interface):
@@ -139,9 +131,8 @@ class Metrics:
                 " reaches it sees the services and their counts",
                 endpoint=endpoint,
             )
-        return strports.service(
-            endpoint, Site(self.page()), typing.cast(IReactorCore, reactor)
-        )
+        page = Site(Page(self.registry))
+        return strports.service(endpoint, page, typing.cast(IReactorCore, reactor))
 
 
 def _loopback(interface: str) -> bool:
@@ -152,40 +143,9 @@ def _loopback(interface: str) -> bool:
         return False
 
 
-class _Counts(Collector):
-    """Live, accepted and refused connections and failed reloads, when scraped."""
+class Page(Resource):
+    """The registry's metrics at C{/metrics}; any other path is not found."""
 
-    def __init__(self, services: dict[str, Watched]) -> None:
-        self._services = services
-
-    def collect(self) -> Iterator[Metric]:
-        live = GaugeMetricFamily(
-            "tlsproxy_connections_live", "Connections open now.", labels=["service"]
-        )
-        accepted = CounterMetricFamily(
-            "tlsproxy_connections_accepted",
-            "Connections accepted (not refused).",
-            labels=["service"],
-        )
-        refused = CounterMetricFamily(
-            "tlsproxy_connections_refused",
-            "Connections closed at once: over a limit.",
-            labels=["service"],
-        )
-        reloads = CounterMetricFamily(
-            "tlsproxy_reload_failures",
-            "Reloads (SIGHUP) that kept the old certificates: a file was bad.",
-            labels=["service"],
-        )
-        for name, service in self._services.items():
-            live.add_metric([name], service.live)
-            accepted.add_metric([name], service.accepted)
-            refused.add_metric([name], service.refused)
-            reloads.add_metric([name], service.reload_failures)
-        yield from (live, accepted, refused, reloads)
-
-
-class _Page(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -193,7 +153,7 @@ class _Page(Resource):
         self._registry = registry
 
     def render_GET(self, request: Request) -> bytes:
-        if request.postpath != PATH:
+        if request.postpath != [b"metrics"]:
             request.setResponseCode(404)
             return b"Not found: the metrics are at /metrics\n"
         request.setHeader("Content-Type", CONTENT_TYPE_LATEST)

@@ -1,8 +1,7 @@
 """
-What a client presents, read in one place: its certificate's identity and
-the server name it sent.  The allow list, the connection record and the
-PROXY header all use these answers; nothing else reads a certificate or an
-SNI name.  Every value here is checked on entry: what reaches a log or a
+What a client presents, read in one place: its addresses, the server name
+it sent, its certificate's identity.  The allow list, the record and the
+PROXY header all use these answers, checked here: what reaches a log or a
 backend is printable.
 """
 
@@ -24,14 +23,11 @@ _CN_MOST = 64  # characters in a CN, at most (RFC 5280's ub-common-name)
 @attrs.frozen
 class ClientIdentity:
     """
-    Who a client certificate says the client is: C{subject} as RFC 4514
-    writes it (control characters escaped), and C{cn}, the subject's common
-    name if it has exactly one, printable and of at most 64 characters,
-    else C{None}: a
-    certificate with two CNs (C{CN=admin, CN=alice}) has no CN, so that
-    the CN an allow list checks is always the CN that is logged and
-    forwarded.  C{names} are what an allow list matches: C{("cn", cn)}
-    and each OU, subjectAltName DNS name and URI.
+    Who a client certificate says the client is: C{subject} (RFC 4514,
+    control characters escaped); C{cn}, the subject's only CN if printable
+    and at most 64 characters, else None (C{CN=admin, CN=alice} has none:
+    the CN checked is the CN logged and forwarded); C{names}, what an allow
+    list matches: C{("cn", cn)}, each OU, DNS name and URI.
     """
 
     subject: str
@@ -70,10 +66,9 @@ _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*", 
 
 def server_name(connection: SSL.Connection) -> str | None:
     """
-    The server name the client sent, in lower case: C{None} if it sent
-    none, C{""} if what it sent is not a host name.  (On a TLS 1.2
-    resumption OpenSSL reports the session's name instead, so tlsproxy
-    never resumes TLS 1.2 sessions: see L{tlsproxy.tls}.)
+    The server name the client sent, lower case: None if none, C{""} if not
+    a host name.  (On a TLS 1.2 resumption OpenSSL reports the session's:
+    tlsproxy never resumes TLS 1.2, see L{tlsproxy.context}.)
     """
     sent = connection.get_servername()
     if sent is None:
@@ -93,9 +88,9 @@ def printable(text: str) -> str:
 @attrs.frozen
 class Proxied:
     """
-    A client's address behind a front balancer (C{--listen haproxy:...}):
-    the C{client}'s, as the balancer's PROXY header gives it (C{None} until
-    a valid header has come whole), and the C{balancer}'s own.
+    A client behind a front balancer: the C{client}'s address from the
+    balancer's PROXY header (None until a valid one has come), the
+    C{balancer}'s own.
     """
 
     client: IAddress | None
@@ -103,21 +98,14 @@ class Proxied:
 
 
 def host_port(address: IAddress | None) -> tuple[str | None, int | None]:
-    """
-    The host and port of an address; a UNIX socket has its path as host and
-    no port, and an unnamed one has neither.
-    """
+    """An address's host and port; a UNIX socket's: its path, no port."""
     port = getattr(address, "port", None)
     host = getattr(address, "host", getattr(address, "name", None))
     return (None if host is None else os.fsdecode(host)), port
 
 
 def client_address(peer: IAddress) -> dict[str, str | int | None]:
-    """
-    The record's client fields for a connection's C{peer}: the client's
-    host and port, and a front balancer's (the client's, while its header
-    has not come).
-    """
+    """The record's client and balancer fields for a connection's C{peer}."""
     client, balancer = peer, None
     if isinstance(peer, Proxied):
         client, balancer = peer.client or peer.balancer, peer.balancer
@@ -151,10 +139,7 @@ def without_header(peer: IAddress) -> bool:
 def tls_facts(
     connection: SSL.Connection,
 ) -> tuple[dict[str, str | None], ClientIdentity | None]:
-    """
-    The record's TLS fields of a connection whose handshake is done, and its
-    client's identity (for the allow list).
-    """
+    """The record's TLS fields once the handshake is done, and the identity."""
     identity = client_identity(connection.get_peer_certificate(as_cryptography=True))
     alpn = connection.get_alpn_proto_negotiated()  # (one of ours: ASCII)
     facts = {

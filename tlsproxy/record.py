@@ -1,8 +1,6 @@
 """
 Connection records: what one proxied connection was, as the connection log
-and twistd's log see it.
-
-The field names are an interface (see README.rst, "Connection records").
+and twistd's log see it.  The field names are an interface (README.rst).
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ from .peer import printable
 @attrs.frozen(kw_only=True)
 class ConnectionRecord:
     """
-    One proxied connection.  C{event} is C{"open"} when the backend
-    connection is made and C{"close"} when the connection has ended; a field
-    that does not apply (yet) is C{None}.
+    One connection: C{event} C{"open"} once the backend is connected,
+    C{"close"} once it has ended; a field that does not apply (yet) is None.
     """
 
     event: str
@@ -60,10 +57,9 @@ RecordObserver = Callable[[ConnectionRecord], None]
 
 class Recording:
     """
-    The record of one connection as it goes: the facts noted so far, the
-    bytes counted each way, and the first reason given for its end; it
-    makes a record whenever asked, and publishes the C{open} and C{close}
-    ones to C{observe}.
+    One connection's record as it goes: the facts so far, the bytes each
+    way, the first reason given for its end; the C{open} and C{close}
+    records go to C{observe}.
     """
 
     def __init__(self, service: str, clock: IReactorTime, observe: RecordObserver):
@@ -103,11 +99,8 @@ class Recording:
         """Publish the C{close} record: both sides are gone."""
         closed = self._clock.seconds()
         duration = closed - self.facts["opened"]
-        self._observe(
-            self.record(
-                event="close", closed=closed, duration=duration, reason=self.reason
-            )
-        )
+        record = self.record(event="close", closed=closed, duration=duration)
+        self._observe(attrs.evolve(record, reason=self.reason))
 
 
 def fan_out(observers: list[RecordObserver]) -> RecordObserver:
@@ -130,13 +123,10 @@ _log = Logger(namespace="tlsproxy")
 
 def log_close(record: ConnectionRecord) -> None:
     """
-    Write one line to twistd's log for each connection that has closed, as
-    stunnel does: who, through which local address, to where, why it ended,
-    and the bytes each way.  (Made here, in one f-string: a format string
-    with every field costs Twisted's logger 2.7 times as much, and this runs
-    for every connection.  The fields are in the connection log.)  A
-    control character (in a UNIX socket's path, say) is escaped: one record,
-    one line.
+    One line in twistd's log per closed connection, as stunnel's: who, via
+    which local address, to where, why it ended, the bytes each way.  Made
+    in one f-string (a format string with every field costs Twisted's logger
+    2.7 times as much); control characters escaped: one record, one line.
     """
     if record.event == "close":
         client = _endpoint(record.client_host, record.client_port)

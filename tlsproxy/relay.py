@@ -44,9 +44,8 @@ from .peer import (
     tls_facts,
     without_header,
 )
-from .proxyheader import HeaderEncoder
 from .record import Recording, RecordObserver
-from .values import AllowList, Timeouts
+from .values import ProxyConfig
 
 
 class _Absent:
@@ -105,27 +104,23 @@ def _no_delay(transport: object) -> None:
 
 class RelayFactory(ServerFactory):
     """
-    Builds a L{ClientSide} for each accepted connection, TLS (C{tls}) or
-    plain; C{live} holds those not yet closed.
+    A L{ClientSide} for each connection accepted for C{config}'s service,
+    whose backend is C{connect}; C{live} holds those not yet closed.
     """
 
     noisy = False
 
     def __init__(
         self,
-        *,
+        config: ProxyConfig,
         connect: Backend,
         clock: IReactorTime,
         observe: RecordObserver,
-        timeouts: Timeouts,
-        service: str,
-        header: HeaderEncoder,
-        allow: AllowList,
-        tls: bool = True,
     ) -> None:
         self.connect, self.clock, self.observe = connect, clock, observe
-        self.timeouts, self.service, self.header = timeouts, service, header
-        self.allow, self.tls = allow, tls
+        self.timeouts, self.service = config.timeouts, config.service
+        self.header, self.allow = config.header, config.allow
+        self.tls = config.certificates is not None
         self.live: set[ClientSide] = set()
 
     @override

@@ -144,17 +144,9 @@ def proxy_service(
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     certificates, shared = config.certificates, shared or SharedLimit()
+    tcp = client_from_string(reactor, config.connect)
     relay = RelayFactory(
-        connect=Backend(
-            client_from_string(reactor, config.connect), config.backend_tls, clock
-        ),
-        clock=clock,
-        observe=observe,
-        timeouts=config.timeouts,
-        service=config.service,
-        header=config.header,
-        allow=config.allow,
-        tls=certificates is not None,
+        config, Backend(tcp, config.backend_tls, clock), clock, observe
     )
     clients: LimitedTLSFactory | LimitedPlainFactory
     if certificates is None:

@@ -1,8 +1,7 @@
 """
-C{twistd tlsproxy}: the command line (or C{--config} file) into the values
-of L{tlsproxy.values}, read and checked in L{Options.postOptions}, which
-twistd runs as root on the real filesystem, before it chroots and drops
-privileges; and L{makeService}, which composes what they say.
+C{twistd tlsproxy}: the command line (or C{--config} file) read into values
+in L{Options.postOptions}, which twistd runs as root before it chroots (so
+the files are read then); and L{makeService}, which composes them.
 """
 
 from __future__ import annotations
@@ -54,11 +53,7 @@ _SERVER_TLS = ("self-signed", "client-ca", "alpn", "tls-min", "ciphers", "sni-st
 
 
 def _descriptors() -> float:
-    """
-    The default C{--max-connections-total}: a connection takes two file
-    descriptors, and 64 are kept for ports, logs and files; so a process at
-    its limit refuses new clients rather than failing to accept or connect.
-    """
+    """The default total: two descriptors a connection, 64 kept for the rest."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return math.inf if soft == resource.RLIM_INFINITY else max(1, (soft - 64) // 2)
 
