@@ -30,7 +30,8 @@ from zope.interface import implementer
 from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import DEFAULT_POLICY, Certificates
 from tlsproxy.credentials import Credentials, Identity
-from tlsproxy.listen import LimitedTLSFactory, SharedLimit, behind_balancer_factory
+from tlsproxy.limits import Admission, SharedLimit
+from tlsproxy.listen import accepting, behind_balancer_factory
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory
@@ -195,16 +196,11 @@ class Pair:
         relay = RelayFactory(
             config,
             Backend(self.endpoint, backend_tls, self.clock),
+            Admission("test", Limits(), SharedLimit(), self.clock),
             self.clock,
             self.records.append,
         )
-        server_factory = LimitedTLSFactory(
-            certificates,
-            relay,
-            self.clock,
-            Limits(),
-            SharedLimit(),
-        )
+        server_factory = accepting(relay, certificates, self.clock)
         trust = trustRootFromCertificates(
             [TwistedCertificate.loadPEM(CA.cert_pem.bytes())]
         )

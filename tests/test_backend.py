@@ -23,7 +23,8 @@ from tlsproxy import tap
 from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import DEFAULT_POLICY, Certificates, ServerTLS
 from tlsproxy.endpoints import client_from_string, host_of
-from tlsproxy.listen import LimitedPlainFactory, SharedLimit
+from tlsproxy.limits import Admission, SharedLimit
+from tlsproxy.listen import accepting
 from tlsproxy.proxyheader import v1
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory
@@ -412,13 +413,14 @@ class ClientModeTests(SynchronousTestCase):
             timeouts=timeouts,
             service="client",
         )
-        relay = RelayFactory(
+        self.relay = RelayFactory(
             config,
             Backend(self.endpoint, tls, self.clock),
+            Admission("client", Limits(), SharedLimit(), self.clock),
             self.clock,
             self.records.append,
         )
-        self.factory = LimitedPlainFactory(relay, self.clock, Limits(), SharedLimit())
+        self.factory = accepting(self.relay, None, self.clock)
         self.server = self.factory.buildProtocol(self.CLIENT)
         self.client = Recorder()
         self.pump = connect(
@@ -443,7 +445,7 @@ class ClientModeTests(SynchronousTestCase):
         server_io: Transport = self.pump.serverIO
         self.assertEqual(len(self.endpoint.attempts), 1)
         self.assertTrue(server_io.paused)
-        self.assertEqual(len(self.factory.protocols), 1)
+        self.assertEqual(len(self.relay.live), 1)
         backend = self.connect_backend()
         self.assertFalse(server_io.paused)
         self.client.transport.write(b"GET / HTTP/1.1\r\n\r\n")
@@ -465,7 +467,7 @@ class ClientModeTests(SynchronousTestCase):
         self.clock.advance(3)
         self.flush()
         self.assertEqual(self.records[-1].reason, "backend connect timeout")
-        self.assertEqual(self.factory.protocols, {})
+        self.assertEqual(self.relay.live, set())
 
     def test_client_fin(self) -> None:
         """A client's FIN gives the backend every byte, then a close_notify."""
@@ -501,9 +503,8 @@ class ServiceTests(SynchronousTestCase):
             backend_tls=BackendTLS("127.0.0.1", pem_file(self, CA)),
         )
         service = proxy_service(config, MemoryReactorClock())
-        self.assertIsInstance(service.clients, LimitedPlainFactory)
         self.assertFalse(service.tls)
-        self.assertEqual(service.clients.logPrefix(), "tlsproxy (LimitedPlainFactory)")
+        self.assertEqual(service.relay.logPrefix(), "tlsproxy")
 
 
 class OptionTests(SynchronousTestCase):

@@ -189,8 +189,8 @@ class BoundTests(TestCase):
         return endpoint.connect(Factory.forProtocol(lambda: client))
 
     def proxy_side(self) -> TLSProtocol:
-        [tls] = list(self.service.clients.protocols)
-        return tls
+        [side] = list(self.service.relay.live)
+        return side.transport  # type: ignore[return-value]
 
     @inlineCallbacks
     def settle(self, progress: Any) -> Generator[Any, Any, None]:
@@ -273,7 +273,7 @@ class BoundTests(TestCase):
         flooder = yield threads.deferToThread(Flooder, sock)
         self.addCleanup(flooder.close)
         yield threads.deferToThread(flooder.write, b"hello")
-        yield self.settle(lambda: len(self.service.clients.protocols))
+        yield self.settle(lambda: len(self.service.relay.live))
         sent = yield threads.deferToThread(flooder.flood, FLOOD)
         self.assertLess(sent, FLOOD)
         self.assertLessEqual(held(self.proxy_side()), BOUND)

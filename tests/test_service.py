@@ -24,7 +24,8 @@ from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import Certificates
 from tlsproxy.credentials import Credentials
 from tlsproxy.flow import TLSProtocol
-from tlsproxy.listen import LimitedTLSFactory, SharedLimit
+from tlsproxy.limits import Admission, SharedLimit
+from tlsproxy.listen import accepting
 from tlsproxy.process import Process
 from tlsproxy.relay import RelayFactory
 from tlsproxy.service import TICKET_KEY_LIFETIME, ProxyService
@@ -38,7 +39,7 @@ def address(host: str, port: int = 50000) -> IPv4Address:
 
 
 class Accepting:
-    """A LimitedTLSFactory and the transports of what it accepted."""
+    """The shipped TLS factory over a relay, and the transports it accepted."""
 
     def __init__(
         self, limits: Limits, shared: SharedLimit | None = None, name: str = "test"
@@ -49,19 +50,19 @@ class Accepting:
         config = ProxyConfig(
             listen="tcp:0", connect="tcp:h:1", certificates=certificates, service=name
         )
+        self.admission = Admission(name, limits, shared or SharedLimit(), self.clock)
         self.relay = RelayFactory(
             config,
             Backend(Endpoint(), None, self.clock),
+            self.admission,
             self.clock,
             self.records.append,
         )
-        self.factory = LimitedTLSFactory(
-            certificates, self.relay, self.clock, limits, shared or SharedLimit()
-        )
+        self.factory = accepting(self.relay, certificates, self.clock)
 
     def service(self, config: ProxyConfig) -> ProxyService:
         """A proxy service of C{config} around what this accepts."""
-        return ProxyService(config, Service(), self.factory, self.relay, self.clock)
+        return ProxyService(config, Service(), self.relay, self.clock)
 
     def accept(self, host: str, port: int = 50000) -> Transport:
         """Accept a connection from C{host}; return its transport."""
@@ -111,7 +112,7 @@ class LimitTests(SynchronousTestCase):
         refused = accepting.accept("192.0.2.3")
         self.assertTrue(refused.aborted)
         self.assertFalse(first.aborted)
-        self.assertEqual(accepting.factory.refused, 1)
+        self.assertEqual(accepting.admission.refused, 1)
         accepting.close(first)
         self.assertFalse(accepting.accept("192.0.2.3").aborted)
 
@@ -124,7 +125,7 @@ class LimitTests(SynchronousTestCase):
         self.assertFalse(accepting.accept("192.0.2.2", 4).aborted)
         accepting.close(first)
         self.assertFalse(accepting.accept("192.0.2.1", 5).aborted)
-        self.assertEqual(accepting.factory.refused, 1)
+        self.assertEqual(accepting.admission.refused, 1)
 
     def test_no_limits(self) -> None:
         """By default nothing is refused, and nothing is kept per closed client."""
@@ -133,7 +134,7 @@ class LimitTests(SynchronousTestCase):
         self.assertFalse(any(t.aborted for t in transports))
         for transport in transports:
             accepting.close(transport)
-        self.assertEqual(dict(accepting.factory._per_client), {})
+        self.assertEqual(dict(accepting.admission._by_host), {})
 
     def test_report(self) -> None:
         """Refusals are logged once per report interval, with their count."""
@@ -167,7 +168,7 @@ class LimitTests(SynchronousTestCase):
         mail.accept("192.0.2.3")
         mail.accept("192.0.2.4")
         self.assertTrue(mail.accept("192.0.2.5").aborted)
-        self.assertEqual((web.factory.refused, mail.factory.refused), (1, 1))
+        self.assertEqual((web.admission.refused, mail.admission.refused), (1, 1))
         web.close(first)
         self.assertFalse(mail.accept("192.0.2.5").aborted)
 
@@ -192,7 +193,6 @@ class DrainTests(SynchronousTestCase):
                 limits=Limits(drain=5),
             ),
             self.listening,
-            self.accepting.factory,
             self.accepting.relay,
             self.accepting.clock,
         )

@@ -1,28 +1,24 @@
 """
-Listening: the factories that accept each client (with TLS, or plain under
-C{--client}) within the connection limits, a front balancer's PROXY header
-read before anything else (C{--listen haproxy:...}), and the port bound with
-C{SO_REUSEPORT} when several processes share it.
+Listening: TLS over the relay's factory (or plain TCP, C{--client}), a front
+balancer's PROXY header read before anything else (C{--listen haproxy:...}),
+and the port bound with C{SO_REUSEPORT} when processes share it.
 """
 
 from __future__ import annotations
 
-import math
 import typing
-from collections import Counter
 
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
-    IProtocol,
     IProtocolFactory,
     IReactorCore,
     IReactorTCP2,
     IReactorTime,
 )
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -32,116 +28,10 @@ from typing_extensions import override
 from .context import Certificates, ServerTLS
 from .endpoints import behind_balancer
 from .flow import TLSProtocol
-from .peer import Proxied, host_port
+from .peer import Proxied
 from .proxyheader import Addresses, parse
-from .values import Limits
 
 _log = Logger(namespace="tlsproxy")
-
-
-class SharedLimit:
-    """At most C{total} live connections across the factories that share it."""
-
-    def __init__(self, total: float = math.inf) -> None:
-        self.total = total
-        self.factories: list[WrappingFactory[typing.Any]] = []
-
-    def full(self) -> bool:
-        """Whether the factories have C{total} live connections between them."""
-        return sum(len(f.protocols) for f in self.factories) >= self.total
-
-
-class _Refused(Protocol):
-    """A connection over a limit: closed at once, before any TLS byte."""
-
-    @override
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()  # type: ignore[union-attr]
-
-
-class _Limiting(WrappingFactory[typing.Any]):
-    """
-    A wrapping factory counting its live connections (L{protocols}): past
-    C{limits.total}, or C{limits.per_client} from one address, or
-    C{shared}'s total, a new connection is accepted and closed at once; the
-    refusals are counted, and logged once per C{limits.report} seconds.
-    """
-
-    def _limit(self, clock: IReactorTime, limits: Limits, shared: SharedLimit) -> None:
-        self._timer, self._limits, self._shared = clock, limits, shared
-        shared.factories.append(self)
-        self._hosts: dict[IProtocol, str | None] = {}
-        self._per_client: Counter[str | None] = Counter()
-        self.accepted = self.refused = self._unreported = 0
-
-    @override
-    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:
-        host = host_port(addr)[0]
-        if (
-            len(self.protocols) >= self._limits.total
-            or self._per_client[host] >= self._limits.per_client
-            or self._shared.full()
-        ):
-            self.refused += 1
-            self._unreported += 1
-            if self._unreported == 1:
-                self._timer.callLater(self._limits.report, self._report)
-            return _Refused()
-        self.accepted += 1
-        protocol: IProtocol = super().buildProtocol(addr)
-        self._hosts[protocol] = host
-        self._per_client[host] += 1
-        return protocol
-
-    @override
-    def unregisterProtocol(self, protocol: IProtocol) -> None:
-        super().unregisterProtocol(protocol)  # type: ignore[no-untyped-call]
-        host = self._hosts.pop(protocol)
-        self._per_client[host] -= 1
-        if not self._per_client[host]:
-            del self._per_client[host]
-
-    def _report(self) -> None:
-        _log.warn(
-            "[{service}] refused {count} connection(s) over the limits in"
-            " {seconds} s ({live} live now)",
-            service=self.wrappedFactory.logPrefix(),
-            count=self._unreported,
-            seconds=self._limits.report,
-            live=len(self.protocols),
-        )
-        self._unreported = 0
-
-
-class LimitedTLSFactory(_Limiting, TLSMemoryBIOFactory):
-    """TLS toward the clients, with the limits of L{_Limiting}."""
-
-    protocol = TLSProtocol
-
-    def __init__(
-        self,
-        certificates: Certificates,
-        relay: ServerFactory,
-        clock: IReactorTime,
-        limits: Limits,
-        shared: SharedLimit,
-    ) -> None:
-        TLSMemoryBIOFactory.__init__(self, ServerTLS(certificates), False, relay, clock)
-        self._limit(clock, limits, shared)
-
-
-class LimitedPlainFactory(_Limiting):
-    """Plain TCP clients (C{--client}), with the limits of L{_Limiting}."""
-
-    def __init__(
-        self,
-        relay: ServerFactory,
-        clock: IReactorTime,
-        limits: Limits,
-        shared: SharedLimit,
-    ) -> None:
-        super().__init__(relay)  # type: ignore[no-untyped-call]
-        self._limit(clock, limits, shared)
 
 
 class _BehindBalancer(ProtocolWrapper):
@@ -213,6 +103,17 @@ class _ReusePort:
     ) -> IListeningPort:
         binding = makeBinding(interface, port, reuseAddress=True, reusePort=True)
         return self._reactor.listenTCP(binding, factory, backlog, interface)
+
+
+def accepting(
+    relay: IProtocolFactory, certificates: Certificates | None, clock: IReactorTime
+) -> IProtocolFactory:
+    """C{relay}'s factory under TLS with C{certificates} (C{None}: plain TCP)."""
+    if certificates is None:
+        return relay
+    tls = TLSMemoryBIOFactory(ServerTLS(certificates), False, relay, clock)
+    tls.protocol = TLSProtocol
+    return tls
 
 
 def listening(

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from .backend import Backend, BackendTLSError
 from .context import ServerConnection, openssl_reasons
 from .flow import Throttle, Transport
+from .limits import Admission, Refused
 from .peer import (
     backend_address,
     client_address,
@@ -104,8 +105,9 @@ def _no_delay(transport: object) -> None:
 
 class RelayFactory(ServerFactory):
     """
-    A L{ClientSide} for each connection accepted for C{config}'s service,
-    whose backend is C{connect}; C{live} holds those not yet closed.
+    A L{ClientSide} for each connection to C{config}'s service that
+    C{admission} lets in; its backend is C{connect}.  C{live} holds those
+    not yet closed.
     """
 
     noisy = False
@@ -114,18 +116,24 @@ class RelayFactory(ServerFactory):
         self,
         config: ProxyConfig,
         connect: Backend,
+        admission: Admission,
         clock: IReactorTime,
         observe: RecordObserver,
     ) -> None:
-        self.connect, self.clock, self.observe = connect, clock, observe
-        self.timeouts, self.service = config.timeouts, config.service
-        self.header, self.allow = config.header, config.allow
+        self.connect, self.admission, self.clock = connect, admission, clock
+        self.observe, self.timeouts = observe, config.timeouts
+        self.service, self.header, self.allow = (
+            config.service,
+            config.header,
+            config.allow,
+        )
         self.tls = config.certificates is not None
         self.live: set[ClientSide] = set()
 
     @override
-    def buildProtocol(self, addr: IAddress | None) -> ClientSide:
-        return ClientSide(self)
+    def buildProtocol(self, addr: IAddress | None) -> ClientSide | Refused:
+        host = host_port(addr)[0]
+        return ClientSide(self, host) if self.admission.admit(host) else Refused()
 
     @override
     def logPrefix(self) -> str:
@@ -138,8 +146,8 @@ class ClientSide(Protocol):
 
     transport: Transport  # type: ignore[assignment]  # (TLS, or plain: --client)
 
-    def __init__(self, relay: RelayFactory) -> None:
-        self._relay = relay
+    def __init__(self, relay: RelayFactory, host: str | None) -> None:
+        self._relay, self._host = relay, host  # (the admitted host)
         self._backend: Transport | _Absent = _Absent()  # where client bytes go
         self._open_sides = 1  # 2 once the backend is tried
 
@@ -250,6 +258,7 @@ class ClientSide(Protocol):
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._relay.live.discard(self)
+        self._relay.admission.release(self._host)
         if self._deadline.active():
             self._deadline.cancel()
         peer = self.transport.getPeer()

@@ -19,7 +19,8 @@ from typing_extensions import override
 
 from .backend import Backend
 from .endpoints import client_from_string
-from .listen import LimitedPlainFactory, LimitedTLSFactory, SharedLimit, listening
+from .limits import Admission, SharedLimit
+from .listen import accepting, listening
 from .record import RecordObserver, log_close
 from .relay import RelayFactory
 from .values import ConfigError, ProxyConfig
@@ -34,22 +35,21 @@ class _Reloadable(typing.Protocol):
 
 class ProxyService(MultiService):
     """
-    The service of C{config}: C{listening} (for C{clients}, whose
-    connections are C{relay}'s).  On stop, a drain: no new connections, the
-    live ones get C{config.limits.drain} seconds, then are aborted.
+    The service of C{config}: C{listening} for C{relay}.  On stop, a drain:
+    no new connections, the live ones get C{config.limits.drain} seconds,
+    then are aborted.
     """
 
     def __init__(
         self,
         config: ProxyConfig,
         listening: IService,
-        clients: LimitedTLSFactory | LimitedPlainFactory,
         relay: RelayFactory,
         clock: IReactorTime,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         listening.setServiceParent(self)
-        self.config, self.clients, self.relay = config, clients, relay
+        self.config, self.relay = config, relay
         self.reload_failures = 0
         self._clock = clock
         self._rotation = LoopingCall(self._rotate)
@@ -71,12 +71,12 @@ class ProxyService(MultiService):
     @property
     def accepted(self) -> int:
         """Connections accepted, not refused."""
-        return self.clients.accepted
+        return self.relay.admission.accepted
 
     @property
     def refused(self) -> int:
         """Connections closed at once: over a limit."""
-        return self.clients.refused
+        return self.relay.admission.refused
 
     @override
     def startService(self) -> None:
@@ -143,15 +143,10 @@ def proxy_service(
     live connections across services.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
-    certificates, shared = config.certificates, shared or SharedLimit()
+    admission = Admission(config.service, config.limits, shared or SharedLimit(), clock)
     tcp = client_from_string(reactor, config.connect)
-    relay = RelayFactory(
-        config, Backend(tcp, config.backend_tls, clock), clock, observe
-    )
-    clients: LimitedTLSFactory | LimitedPlainFactory
-    if certificates is None:
-        clients = LimitedPlainFactory(relay, clock, config.limits, shared)
-    else:
-        clients = LimitedTLSFactory(certificates, relay, clock, config.limits, shared)
-    service = listening(config.listen, clients, reactor, config.reuse_port)
-    return ProxyService(config, service, clients, relay, clock)
+    backend = Backend(tcp, config.backend_tls, clock)
+    relay = RelayFactory(config, backend, admission, clock, observe)
+    factory = accepting(relay, config.certificates, clock)
+    service = listening(config.listen, factory, reactor, config.reuse_port)
+    return ProxyService(config, service, relay, clock)

@@ -25,7 +25,7 @@ from .connlog import ConnectionLog
 from .context import Certificates, from_files
 from .credentials import Identity, self_signed
 from .endpoints import TLS, behind_balancer, client_from_string, host_of, overlap
-from .listen import SharedLimit
+from .limits import SharedLimit
 from .metrics import Metrics
 from .peer import printable
 from .process import Process, one_line
