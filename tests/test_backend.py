@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy import tap
 from tlsproxy.backend import Backend, BackendTLS
-from tlsproxy.context import DEFAULT_POLICY, Certificates, ServerTLS
+from tlsproxy.context import DEFAULT_POLICY, Certificates
 from tlsproxy.endpoints import client_from_string, host_of
 from tlsproxy.limits import Admission, SharedLimit
 from tlsproxy.listen import accepting
@@ -79,7 +79,7 @@ class TLSBackend:
     def __init__(self, clock: Clock, context: Certificates) -> None:
         self.backend = Recorder()
         self._factory = TLSMemoryBIOFactory(
-            ServerTLS(context), False, Factory.forProtocol(lambda: self.backend), clock
+            context, False, Factory.forProtocol(lambda: self.backend), clock
         )
         self._clock = clock
 

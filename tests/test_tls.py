@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.context import ServerTLS, from_files
+from tlsproxy.context import from_files
 from tlsproxy.credentials import load_cas, load_key, self_signed
 from tlsproxy.flow import TLSProtocol
 from tlsproxy.peer import client_identity
@@ -389,7 +389,7 @@ class DrainTests(SynchronousTestCase):
 
     def connected(self) -> tuple[TLSProtocol, StringTransport]:
         factory = TLSMemoryBIOFactory(
-            ServerTLS(leaf_certificates()), False, Factory.forProtocol(Protocol)
+            leaf_certificates(), False, Factory.forProtocol(Protocol)
         )
         factory.protocol = TLSProtocol
         protocol = factory.buildProtocol(None)

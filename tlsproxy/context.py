@@ -75,14 +75,11 @@ def server_context(
         context.check_privatekey()
     except (SSL.Error, TypeError) as e:  # TypeError: a key type OpenSSL won't use
         raise ConfigError(f"{identity.where}: {openssl_reasons(e)}") from None
-    if client_cas:
-        store = context.get_cert_store()
-        assert store is not None
-        for authority in client_cas:
-            store.add_cert(crypto.X509.from_cryptography(authority))
-        context.set_client_ca_list(
-            [crypto.X509.from_cryptography(a).get_subject() for a in client_cas]
-        )
+    store = context.get_cert_store()
+    assert store is not None
+    for authority in map(crypto.X509.from_cryptography, client_cas):
+        store.add_cert(authority)
+        context.add_client_ca(authority)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     return context
 
@@ -158,12 +155,14 @@ class _UnknownNameError(Exception):
     """A client's SNI name that no certificate serves, in strict mode."""
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 @attrs.define
 class Certificates:
     """
-    The server's TLS context (L{context}, for new connections; live ones
-    keep theirs) and how to make it again: L{reload} reads the files again
-    (SIGHUP), L{rotate} makes new session ticket keys.
+    The server's TLS context, given to each new connection (live ones keep
+    theirs; not Twisted's C{CertificateOptions}, which turns sessions off):
+    L{reload} reads the files again (SIGHUP), L{rotate} makes new session
+    ticket keys.
     """
 
     read: Callable[[], Credentials]
@@ -188,6 +187,9 @@ class Certificates:
     def rotate(self) -> None:
         """New ticket keys (a new context): older sessions no longer resume."""
         self.context = _sni_context(self.credentials, self.policy, self.strict)
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> Connection:
+        return ServerConnection(self.context, None)
 
 
 def from_files(
@@ -215,18 +217,3 @@ class ServerConnection(CountingConnection):
     """An accepted connection, which can tell why TLS refused it, if it did."""
 
     refusal: str | None = None
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-@attrs.frozen
-class ServerTLS:
-    """
-    Each accepted connection on the current context of C{certificates}.
-    (Not Twisted's C{CertificateOptions}: it turns sessions off, and in
-    Twisted 26.10 aborts every handshake that offers ALPN.)
-    """
-
-    certificates: Certificates
-
-    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> Connection:
-        return ServerConnection(self.certificates.context, None)

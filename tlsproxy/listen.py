@@ -25,7 +25,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
 
-from .context import Certificates, ServerTLS
+from .context import Certificates
 from .endpoints import behind_balancer
 from .flow import TLSProtocol
 from .peer import Proxied
@@ -111,7 +111,7 @@ def accepting(
     """C{relay}'s factory under TLS with C{certificates} (C{None}: plain TCP)."""
     if certificates is None:
         return relay
-    tls = TLSMemoryBIOFactory(ServerTLS(certificates), False, relay, clock)
+    tls = TLSMemoryBIOFactory(certificates, False, relay, clock)
     tls.protocol = TLSProtocol
     return tls
 
