@@ -30,8 +30,7 @@ from zope.interface import implementer
 from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import DEFAULT_POLICY, Certificates
 from tlsproxy.credentials import Credentials, Identity
-from tlsproxy.limits import Admission, SharedLimit
-from tlsproxy.listen import accepting, behind_balancer_factory
+from tlsproxy.listen import Admission, SharedLimit, accepting, behind_balancer_factory
 from tlsproxy.proxyheader import HeaderEncoder, no_header
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory

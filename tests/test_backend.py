@@ -23,8 +23,7 @@ from tlsproxy import tap
 from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import DEFAULT_POLICY, Certificates
 from tlsproxy.endpoints import client_from_string, host_of
-from tlsproxy.limits import Admission, SharedLimit
-from tlsproxy.listen import accepting
+from tlsproxy.listen import Admission, SharedLimit, accepting
 from tlsproxy.proxyheader import v1
 from tlsproxy.record import ConnectionRecord
 from tlsproxy.relay import RelayFactory

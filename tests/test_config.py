@@ -17,9 +17,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tlsproxy import config, tap
-from tlsproxy.connlog import ConnectionLog
 from tlsproxy.endpoints import overlap
 from tlsproxy.process import StartupError
+from tlsproxy.record import ConnectionLog
 
 from .memory import CA, LEAF
 

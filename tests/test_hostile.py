@@ -27,12 +27,11 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tlsproxy.connlog import ConnectionLog
 from tlsproxy.logjoin import main as logjoin
 from tlsproxy.metrics import Metrics
 from tlsproxy.peer import printable, server_name
 from tlsproxy.proxyheader import parse, v1, v2
-from tlsproxy.record import ConnectionRecord, log_close
+from tlsproxy.record import ConnectionLog, ConnectionRecord, log_close
 
 from .memory import Pair
 from .test_properties import read, tlvs

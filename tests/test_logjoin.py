@@ -20,7 +20,6 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.connlog import ConnectionLog
 from tlsproxy.logformat import compile_format
 from tlsproxy.logjoin import (
     DEFAULT_FORMAT,
@@ -29,7 +28,7 @@ from tlsproxy.logjoin import (
     main,
     read_index,
 )
-from tlsproxy.record import ConnectionRecord
+from tlsproxy.record import ConnectionLog, ConnectionRecord
 
 # 2025-11-27 09:00:00 UTC, 10:00:00 in +0100.
 NINE_UTC = calendar.timegm((2025, 11, 27, 9, 0, 0))

@@ -40,12 +40,11 @@ from twisted.internet.interfaces import IAddress
 from twisted.python import usage
 
 from tlsproxy import tap
-from tlsproxy.connlog import ConnectionLog
 from tlsproxy.logformat import LogFormatError, compile_format
 from tlsproxy.logjoin import ConnectionIndex, join_line, main
 from tlsproxy.proxyheader import V2_SIGNATURE, Addresses, no_header, v1, v2
 from tlsproxy.proxyheader import parse as parse_header
-from tlsproxy.record import ConnectionRecord
+from tlsproxy.record import ConnectionLog, ConnectionRecord
 
 # ---------------------------------------------------------------------------
 # The command line.

@@ -24,8 +24,7 @@ from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import Certificates
 from tlsproxy.credentials import Credentials
 from tlsproxy.flow import TLSProtocol
-from tlsproxy.limits import Admission, SharedLimit
-from tlsproxy.listen import accepting
+from tlsproxy.listen import Admission, SharedLimit, accepting
 from tlsproxy.process import Process
 from tlsproxy.relay import RelayFactory
 from tlsproxy.service import TICKET_KEY_LIFETIME, ProxyService

@@ -1,14 +1,9 @@
 """
-C{--config FILE}: several services in one process, one per section of an
-INI file.
-
-A section is a service, named by the section.  Its keys are the long
-options without C{--}, its values written as on the command line; a
-repeatable option takes one value per line, a flag yes/no/true/false/on/off
-/1/0.  C{[DEFAULT]} gives values to every section.  Each section becomes a
-command line, validated by the same L{usage.Options} as the command line
-itself, so every check applies to both; an error names the file, the
-section and the key.
+C{--config FILE}: one service per section of an INI file, named by it; the
+keys are the long options, the values as on the command line (a repeatable
+option one per line, a flag yes/no), C{[DEFAULT]} for every section.  Each
+section becomes a command line, so every check applies; an error names the
+file, the section and the key.
 """
 
 from __future__ import annotations
@@ -34,14 +29,11 @@ def read_services(
     process_wide: Collection[str],
 ) -> list[tuple[str, OptionsT]]:
     """
-    The services of the INI file at C{path}, in its order: each section's
-    name, and what C{parse} makes of the command line its keys say.
-    C{kinds} says what each option takes: a C{"flag"}, a C{"value"}, or
-    C{"values"} (repeatable); keys in C{process_wide} are refused.
+    Each section of the INI file C{path}: its name, and C{parse}'s reading of
+    its keys as a command line (C{kinds}: each option a C{"flag"}, a
+    C{"value"} or C{"values"}; C{process_wide} ones refused).
 
-    @raise ConfigError: the file cannot be read or is not INI, it has no
-        section, or a section's name or one of its keys or values is
-        refused (by C{parse} too: its L{usage.UsageError}).
+    @raise ConfigError: for the file, a section, or a key or value refused.
     """
     parser = configparser.ConfigParser(interpolation=None)
     try:

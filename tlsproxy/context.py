@@ -1,7 +1,6 @@
 """
-The server's TLS context: built from the credentials at start-up, the
-certificate chosen by the client's SNI name, built again on reload (the
-files read again) and on rotation (new session ticket keys).
+The server's TLS context: built from the credentials, the certificate chosen
+by SNI name, built again on reload and on rotation (new ticket keys).
 """
 
 from __future__ import annotations
@@ -46,13 +45,10 @@ def server_context(
     identity: Identity, policy: TLSPolicy, client_cas: Sequence[x509.Certificate]
 ) -> SSL.Context:
     """
-    An OpenSSL context for C{identity}: TLS 1.2 and 1.3, forward-secret AEAD
-    ciphers in the server's order, no compression, no renegotiation, TLS 1.3
-    session tickets; C{policy}; a client certificate from one of
-    C{client_cas} required, if any.
+    An OpenSSL context for C{identity}, as C{policy} says; a certificate from
+    one of C{client_cas} required, if any.
 
-    @raise ConfigError: OpenSSL refuses the certificate or the key, or they
-        do not match.
+    @raise ConfigError: OpenSSL refuses the certificate or the key.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(policy.minimum)
@@ -94,10 +90,7 @@ def _choose_protocol(
 def _sni_context(
     credentials: Credentials, policy: TLSPolicy, strict: bool
 ) -> SSL.Context:
-    """
-    A context for each identity; every connection starts on the first's,
-    which switches it to the one that serves the client's name.
-    """
+    """A context per identity; connections start on the first, then switch."""
     contexts: list[SSL.Context] = []
     by_name: dict[str, SSL.Context] = {}
     for identity in credentials.identities:
@@ -114,13 +107,10 @@ def _choose_certificate(
     by_name: dict[str, SSL.Context], strict: bool, connection: Connection
 ) -> None:
     """
-    Serve the certificate for the client's SNI name: one that names it, else
-    one with a wildcard for its parent domain, else the default; in
-    C{strict} mode a name (or one that is no host name) that none serves
-    gets the C{unrecognized_name} alert (hitch's C{sni-nomatch-abort}).
-    OpenSSL calls this for every ClientHello, so it is also where a TLS 1.2
-    connection is denied a session ticket: on a TLS 1.2 resumption OpenSSL
-    would report the session's name, not the name the client sent.
+    The certificate for the SNI name: one naming it, else a wildcard of its
+    parent, else the default; C{strict}: the C{unrecognized_name} alert.
+    Every ClientHello comes here, so TLS 1.2 is denied tickets here: on its
+    resumption OpenSSL would report the session's name, not the one sent.
     """
     if connection.get_protocol_version() < SSL.TLS1_3_VERSION:
         connection.set_options(SSL.OP_NO_TICKET)
@@ -137,10 +127,9 @@ def _choose_certificate(
 
 def _refuse() -> typing.NoReturn:
     """
-    Fail the handshake with the C{unrecognized_name} alert: pyOpenSSL sends
-    it when the SNI callback raises, after handing the exception to
-    C{sys.excepthook}, which would print a traceback for each such client.
-    A hook for that one call takes it, and puts the previous hook back.
+    Fail the handshake with C{unrecognized_name}: pyOpenSSL sends it when the
+    SNI callback raises, after C{sys.excepthook} (which would print a
+    traceback): a hook for that one call takes it, then puts the old one back.
     """
     previous = sys.excepthook
 
@@ -159,10 +148,8 @@ class _UnknownNameError(Exception):
 @attrs.define
 class Certificates:
     """
-    The server's TLS context, given to each new connection (live ones keep
-    theirs; not Twisted's C{CertificateOptions}, which turns sessions off):
-    L{reload} reads the files again (SIGHUP), L{rotate} makes new session
-    ticket keys.
+    The TLS context given to each new connection (not Twisted's, which turns
+    sessions off); L{reload} reads the files again, L{rotate} makes new keys.
     """
 
     read: Callable[[], Credentials]
@@ -175,11 +162,7 @@ class Certificates:
         self.reload()
 
     def reload(self) -> None:
-        """
-        Read the files and use them.
-
-        @raise ConfigError: a file is missing or bad; the old ones stay.
-        """
+        """Read the files and use them; ConfigError, and the old ones stay, if bad."""
         credentials = self.read()
         self.context = _sni_context(credentials, self.policy, self.strict)
         self.credentials = credentials
@@ -201,12 +184,7 @@ def from_files(
     policy: TLSPolicy = DEFAULT_POLICY,
     strict: bool = False,
 ) -> Certificates:
-    """
-    The certificates of C{--cert certs --key keys --client-ca client_ca}
-    (L{read_credentials}), read now and on each reload.
-
-    @raise ConfigError: on any problem with any file.
-    """
+    """The certificates of these files (L{read_credentials}), now and on reload."""
     read = functools.partial(
         read_credentials, tuple(certs), tuple(keys), client_ca, tuple(identities)
     )

@@ -1,8 +1,7 @@
 """
-What a client presents, read in one place: its addresses, the server name
-it sent, its certificate's identity.  The allow list, the record and the
-PROXY header all use these answers, checked here: what reaches a log or a
-backend is printable.
+What a client presents, read in one place (its addresses, the server name
+it sent, its certificate) and checked: the allow list, the record and the
+PROXY header use these answers.
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ _CN_MOST = 64  # characters in a CN, at most (RFC 5280's ub-common-name)
 @attrs.frozen
 class ClientIdentity:
     """
-    Who a client certificate says the client is: C{subject} (RFC 4514,
-    control characters escaped); C{cn}, the subject's only CN if printable
-    and at most 64 characters, else None (C{CN=admin, CN=alice} has none:
-    the CN checked is the CN logged and forwarded); C{names}, what an allow
-    list matches: C{("cn", cn)}, each OU, DNS name and URI.
+    A client certificate's C{subject} (control characters escaped); C{cn},
+    its only CN if printable and at most 64 characters (C{CN=admin,
+    CN=alice} has none: the CN checked is the CN sent on); C{names}, what an
+    allow list matches: C{("cn", cn)}, each OU, DNS name and URI.
     """
 
     subject: str

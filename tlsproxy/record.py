@@ -1,10 +1,12 @@
 """
-Connection records: what one proxied connection was, as the connection log
-and twistd's log see it.  The field names are an interface (README.rst).
+Connection records (the field names are an interface: README.rst), and the
+two logs they go to: twistd's, a line each, and the connection log.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import typing
 import uuid
 from collections.abc import Callable
@@ -139,3 +141,42 @@ def log_close(record: ConnectionRecord) -> None:
             f" {record.duration:.3f} s"
         )
         _log.info("{line}", line=printable(line), service=record.service)
+
+
+class ConnectionLog:
+    """
+    The connection log: a line of JSON per record, each with one write(2) in
+    append mode (never split; logrotate's C{copytruncate} is safe), the file
+    opened once, at start-up, before twistd chroots.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self._path = path
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path: str) -> ConnectionLog:
+        """
+        Open (or create, mode 0640) C{path} to append, not through a link.
+
+        @raise OSError: it cannot (ELOOP: a link).
+        """
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+        return cls(path, os.open(path, flags, 0o640))
+
+    def __call__(self, record: ConnectionRecord) -> None:
+        line = json.dumps(attrs.asdict(record), separators=(",", ":")) + "\n"
+        try:
+            os.write(self._fd, line.encode("utf-8"))
+        except OSError as e:
+            _log.error(
+                "[{service}] connection log {path}: {error}; record {id} not written",
+                service=record.service,
+                path=self._path,
+                error=e.strerror,
+                id=record.id,
+            )
+
+    def close(self) -> None:
+        """Close the file (for tests and embedding; twistd exits instead)."""
+        os.close(self._fd)

@@ -1,20 +1,12 @@
 """
-The proxy pair: one client connection and the backend connection it gets.
-L{ClientSide} owns the pair.  Its contract:
-
-  - the backend is connected only after the client's TLS handshake (at
-    once for plain TCP clients, C{--client}); what the client sends
-    meanwhile waits in L{_Connecting} (one read at most: the client is
-    paused);
-  - flow control both ways: a side's full write buffer pauses the other
-    side's reading (and TLS's own answers pause their own side's: see
-    L{tlsproxy.flow});
-  - every byte arrives, in order.  When the backend closes, the client gets
-    every byte and then close_notify; when the client sends close_notify,
-    the backend gets every byte and then a FIN.  Anything else (a reset, a
-    TLS error, a timeout) aborts both sides;
-  - one close path: when both sides are gone, one C{close} record, with the
-    reason of whatever ended the connection first.
+The proxy pair, owned by L{ClientSide}.  The backend is connected only after
+the client's handshake (at once for plain clients); what the client sends
+meanwhile waits (a read at most: the client is paused).  Flow control both
+ways (L{tlsproxy.flow}).  Every byte arrives, in order: a backend's close
+gives the client every byte, then close_notify; a client's close_notify
+gives the backend every byte, then a FIN; anything else aborts both sides.
+One close path: once both sides are gone, one C{close} record, with the
+reason of whatever ended the connection first.
 """
 
 from __future__ import annotations
@@ -36,7 +28,7 @@ from zope.interface import implementer
 from .backend import Backend, BackendTLSError
 from .context import ServerConnection, openssl_reasons
 from .flow import Throttle, Transport
-from .limits import Admission, Refused
+from .listen import Admission, Refused
 from .peer import (
     backend_address,
     client_address,
@@ -50,10 +42,7 @@ from .values import ProxyConfig
 
 
 class _Absent:
-    """
-    The backend when there is none: before the handshake (no client bytes
-    come then), and once it is lost (client bytes are dropped).
-    """
+    """The backend before the handshake (no bytes come), and once lost (dropped)."""
 
     def write(self, data: bytes) -> None:
         pass
@@ -106,8 +95,7 @@ def _no_delay(transport: object) -> None:
 class RelayFactory(ServerFactory):
     """
     A L{ClientSide} for each connection to C{config}'s service that
-    C{admission} lets in; its backend is C{connect}.  C{live} holds those
-    not yet closed.
+    C{admission} lets in, toward C{connect}; C{live}: those not closed yet.
     """
 
     noisy = False
@@ -165,10 +153,7 @@ class ClientSide(Protocol):
             self._connect_backend()
 
     def _note_addresses(self) -> None:
-        """
-        The client's and the listening address; behind a front balancer,
-        its PROXY header's, which has come once the handshake is done.
-        """
+        """The client's and listening address (a balancer's header's, once come)."""
         host, port = host_port(self.transport.getHost())
         facts = self._record.facts
         facts.update(client_address(self.transport.getPeer()))
@@ -239,10 +224,7 @@ class ClientSide(Protocol):
         self.transport.write(data)
 
     def backend_lost(self, reason: Failure) -> None:
-        """
-        The backend connection is gone: a clean close gives the client every
-        byte, then close_notify; anything else aborts the client.
-        """
+        """The backend is gone: closed, the client gets close_notify; else aborted."""
         self._record.because(describe("backend", reason))
         self._backend = _Absent()
         if self._open_sides == 2:  # the client is still connected

@@ -1,9 +1,7 @@
 """
-One proxy as a Twisted service: it listens, relays each connection to its
-backend, and on stop drains; it makes new session ticket keys every hour,
-and reads its certificate and CA files again on L{ProxyService.reload}.
-L{proxy_service} composes it: the way to embed tlsproxy in another Twisted
-application (see README.rst, "Embedding").
+One proxy as a Twisted service (L{proxy_service} composes it: the way to
+embed tlsproxy): it listens, relays, drains on stop, rotates ticket keys
+hourly, and reads its files again on L{ProxyService.reload}.
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ from typing_extensions import override
 
 from .backend import Backend
 from .endpoints import client_from_string
-from .limits import Admission, SharedLimit
-from .listen import accepting, listening
+from .listen import Admission, SharedLimit, accepting, listening
 from .record import RecordObserver, log_close
 from .relay import RelayFactory
 from .values import ConfigError, ProxyConfig
@@ -35,9 +32,8 @@ class _Reloadable(typing.Protocol):
 
 class ProxyService(MultiService):
     """
-    The service of C{config}: C{listening} for C{relay}.  On stop, a drain:
-    no new connections, the live ones get C{config.limits.drain} seconds,
-    then are aborted.
+    C{config}'s service: C{listening} for C{relay}.  On stop, a drain: no new
+    connections, the live ones get C{limits.drain} seconds, then are aborted.
     """
 
     def __init__(
@@ -88,11 +84,7 @@ class ProxyService(MultiService):
         self.config.certificates.rotate()  # type: ignore[union-attr]
 
     def reload(self) -> None:
-        """
-        Read the certificate, key and CA files again, for new connections;
-        a file that is now missing or bad keeps the old ones, with an error
-        in the log, counted in C{reload_failures}.
-        """
+        """Read the files again; a bad one keeps the old, logged and counted."""
         failed = False
         for files in self._files:
             try:
@@ -137,9 +129,8 @@ def proxy_service(
     shared: SharedLimit | None = None,
 ) -> ProxyService:
     """
-    The service of C{config} on C{reactor}: it binds its port in
-    C{privilegedStartService} (as root, under twistd), and raises there if
-    it cannot.  C{observe} gets each connection record; C{shared} limits
+    The service of C{config} on C{reactor}, which binds (or raises) in
+    C{privilegedStartService}; C{observe} gets each record, C{shared} caps
     live connections across services.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]

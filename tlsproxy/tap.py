@@ -7,6 +7,7 @@ the files are read then); and L{makeService}, which composes them.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (getaddrinfo needs it; not in a jail)
+import errno
 import math
 import resource
 import sys
@@ -21,16 +22,15 @@ from typing_extensions import override
 
 from .backend import BackendTLS
 from .config import read_services
-from .connlog import ConnectionLog
 from .context import Certificates, from_files
 from .credentials import Identity, self_signed
 from .endpoints import TLS, behind_balancer, client_from_string, host_of, overlap
-from .limits import SharedLimit
+from .listen import SharedLimit
 from .metrics import Metrics
 from .peer import printable
 from .process import Process, one_line
 from .proxyheader import ENCODERS, no_header
-from .record import RecordObserver, fan_out, log_close
+from .record import ConnectionLog, RecordObserver, fan_out, log_close
 from .service import proxy_service
 from .values import (
     TLS12_CIPHERS,
@@ -179,8 +179,12 @@ class Options(usage.Options):
         if self.metrics is not None:
             observers.append(self.metrics.observe)
         # Last: nothing is created on disk for a command line that fails.
-        if self["connection-log"] is not None:
-            observers.append(ConnectionLog.open(self["connection-log"]))
+        if (path := self["connection-log"]) is not None:
+            try:
+                observers.append(ConnectionLog.open(path))
+            except OSError as e:
+                why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+                raise ConfigError(f"--connection-log {path}: {why}") from None
         return observers
 
     def _client_mode(self) -> bool:

@@ -1,8 +1,7 @@
 """
-The values a proxy is made of, each checked when it is made, from text (as
-on the command line and in a C{--config} file) or from Python values (a
-program that embeds tlsproxy): every way in shares these checks.  A mistake
-is a L{ConfigError} naming the option and the value.
+The values a proxy is made of, each checked when made, from text too: the
+command line, C{--config} and embedding share the checks.  A mistake is a
+L{ConfigError} naming the option and the value.
 """
 
 from __future__ import annotations
@@ -51,11 +50,7 @@ def _seconds(option: str, default: float) -> typing.Any:
 
 
 def limit(option: str, value: str | float | None) -> float:
-    """
-    A positive whole number, from its text too, or infinity for none.
-
-    @raise ConfigError: it is not one (a message naming C{option}).
-    """
+    """A positive whole number (its text too), or infinity for None; or ConfigError."""
     if value is None or value == math.inf:
         return math.inf
     text = str(value)
@@ -73,10 +68,7 @@ def _limit(option: str) -> typing.Any:
 
 @attrs.frozen(kw_only=True)
 class Timeouts:
-    """
-    Seconds for the TLS handshake, for connecting to the backend (from the
-    end of the handshake), and without traffic either way.
-    """
+    """Seconds for the handshake, then to connect the backend, and of silence."""
 
     handshake: float = _seconds("handshake-timeout", 30)
     connect: float = _seconds("connect-timeout", 30)
@@ -86,9 +78,8 @@ class Timeouts:
 @attrs.frozen(kw_only=True)
 class Limits:
     """
-    At most C{total} live connections, C{per_client} from one address (none:
-    no limit); refusals logged once per C{report} seconds at most; C{drain}
-    seconds for live connections to finish on stop.
+    Live connections at most, in all and from one address (inf: no limit);
+    seconds between refusal reports, and to drain on stop.
     """
 
     total: float = _limit("max-connections")
@@ -134,11 +125,7 @@ def _ciphers(instance: object, attribute: object, text: str) -> None:
 
 @attrs.frozen(kw_only=True)
 class TLSPolicy:
-    """
-    What the server offers beyond its certificate: ALPN protocols in its
-    order of preference (none by default), the lowest TLS version, and the
-    TLS 1.2 cipher string.
-    """
+    """ALPN protocols to offer (in order), the lowest TLS version, TLS 1.2 ciphers."""
 
     alpn: tuple[bytes, ...] = attrs.field(default=(), converter=_protocols)
     minimum: int = attrs.field(default=SSL.TLS1_2_VERSION, converter=_version)
@@ -152,9 +139,8 @@ def _names(names: typing.Iterable[str]) -> frozenset[str]:
 @attrs.frozen(kw_only=True)
 class AllowList:
     """
-    Which client certificates are let in, as ghostunnel's C{--allow-*}: one
-    with any of these CNs or OUs, or subjectAltName DNS names or URIs (see
-    L{tlsproxy.peer.ClientIdentity}).  Empty: any that the CA signed.
+    Client certificates let in: one with any of these CNs, OUs, DNS names or
+    URIs (as ghostunnel's C{--allow-*}); empty: any the CA signed.
     """
 
     cn: frozenset[str] = attrs.field(default=(), converter=_names)
@@ -177,11 +163,7 @@ class AllowList:
 
 
 def check_endpoint(option: str, parse: typing.Callable[..., object], text: str) -> None:
-    """
-    Parse C{text} with C{parse} (Twisted's C{serverFromString}, say).
-
-    @raise ConfigError: it is not understood (one line naming C{option}).
-    """
+    """Parse endpoint C{text} with C{parse}; ConfigError if it is not understood."""
     from twisted.internet import reactor
 
     try:
@@ -196,15 +178,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """
-    One service, named C{service}: accept TLS on C{listen} (a server
-    endpoint string, after C{haproxy:} behind a front balancer) with
-    C{certificates}, and relay each connection to C{connect} (a client
-    endpoint string; C{tls:} with C{backend_tls}) after C{header}.
-    C{certificates} C{None}: plain TCP clients (C{--client}).
-    C{reuse_port}: bind a C{tcp:} port with C{SO_REUSEPORT}.
+    One service: TLS on C{listen} (C{haproxy:} first behind a balancer) with
+    C{certificates} (None: plain clients, C{--client}), each connection to
+    C{connect} (C{tls:} with C{backend_tls}), after C{header}.
 
-    @raise ConfigError: an endpoint is not understood, or options do not go
-        together.
+    @raise ConfigError: an endpoint is not understood, or options clash.
     """
 
     listen: str
