@@ -1,9 +1,7 @@
 """
-The way to the backend: its TCP (or UNIX) endpoint, the PROXY header that
-goes first, in clear, and for C{--connect tls:} TLS verified against
-C{--backend-ca} (or the platform's trust) and for HOST.  A TLS backend
-counts as connected once verified: the connect timeout covers its
-handshake, and one that fails verification is a failed connect.
+The way to the backend: its endpoint, the PROXY header first, in clear, and
+for C{--connect tls:} TLS verified for HOST against C{--backend-ca} (or the
+platform's trust).  A TLS backend is connected once verified.
 """
 
 from __future__ import annotations
@@ -39,11 +37,9 @@ from .flow import CountingConnection, TLSProtocol, Transport
 @implementer(IOpenSSLClientConnectionCreator)
 class BackendTLS:
     """
-    A TLS backend must show a certificate for C{host} (a name or an IP
-    address) from a CA of C{ca_path}, or of the platform's trust if None.
-    tlsproxy offers TLS 1.2 or later, SNI for a name, no ALPN.
-
-    @raise ConfigError: C{ca_path} cannot be read or has no certificate.
+    A TLS backend must show a certificate for C{host} (a name or an IP) from
+    a CA of C{ca_path} (None: the platform's); TLS 1.2 or later, SNI, no ALPN.
+    ConfigError: C{ca_path} cannot be read or has no certificate.
     """
 
     def __init__(self, host: str, ca_path: str | None = None) -> None:
@@ -55,12 +51,7 @@ class BackendTLS:
         self._context = self._load()
 
     def reload(self) -> None:
-        """
-        Read C{ca_path} again, for new connections (not the platform's: in a
-        jail it is not there).
-
-        @raise ConfigError: the file is now bad; the trust in use stays.
-        """
+        """Read C{ca_path} again (ConfigError: bad, the trust in use stays)."""
         if self.ca_path is not None:
             self._context = self._load()
 
@@ -86,10 +77,7 @@ class BackendTLS:
         return connection
 
     def verify(self, connection: SSL.Connection) -> None:
-        """
-        Check that the certificate of C{connection} (its chain verified) is
-        for C{host}; else raise L{BackendTLSError}.
-        """
+        """L{BackendTLSError} unless C{connection}'s certificate is for C{host}."""
         certificate = connection.get_peer_certificate(as_cryptography=True)
         assert certificate is not None  # (VERIFY_PEER)
         try:
@@ -115,10 +103,8 @@ class Receiver(typing.Protocol):
 
 class BackendSide(Protocol):
     """
-    The backend's side of a pair: it writes C{header} first, in clear (under
-    TLS, it is below it: see L{_Verified}); what it receives goes to
-    C{receiver}.  C{ready} fires with its transport once it is connected
-    (for TLS: verified), or fails with why it could not be.
+    The backend's side: C{header} first, then bytes to and from C{receiver};
+    C{ready} fires with its transport once connected, or fails with why not.
     """
 
     def __init__(self, receiver: Receiver, header: bytes) -> None:
@@ -133,9 +119,8 @@ class BackendSide(Protocol):
         self.ready.callback(self.transport)  # type: ignore[arg-type]
 
     def failed(self, reason: Failure) -> None:
-        """The endpoint could not connect: C{ready} says why."""
-        if not self.ready.called:
-            self.ready.errback(reason)
+        """The endpoint failed (or was cancelled by C{ready}): C{ready} says why."""
+        self.ready.errback(reason)
 
     def _cancel(self, ready: object) -> None:
         if self.transport is None:
@@ -155,9 +140,8 @@ class BackendSide(Protocol):
 @implementer(IHandshakeListener)
 class _Verified(BackendSide):
     """
-    A L{BackendSide} under TLS: the header goes below TLS, before the
-    ClientHello; C{ready} fires once the handshake has verified the backend.
-    A loss before that errbacks C{ready} and is not the receiver's.
+    A L{BackendSide} under TLS: the header below it, before the ClientHello;
+    C{ready} fires once verified (a loss before that fails it).
     """
 
     transport: TLSMemoryBIOProtocol
@@ -192,10 +176,7 @@ class _Verified(BackendSide):
 
 
 class Backend:
-    """
-    The backend: C{tcp}, an endpoint, with TLS on top when C{tls} is given
-    (for C{--connect tls:...}); C{clock} times the TLS layer.
-    """
+    """The backend: the C{tcp} endpoint, TLS on top if C{tls}; C{clock} for TLS."""
 
     def __init__(
         self, tcp: IStreamClientEndpoint, tls: BackendTLS | None, clock: IReactorTime
@@ -203,10 +184,7 @@ class Backend:
         self._tcp, self._tls, self._clock = tcp, tls, clock
 
     def connect(self, receiver: Receiver, header: bytes) -> Deferred[Transport]:
-        """
-        Connect a backend side for C{receiver}, C{header} first; its
-        transport once it is connected (for TLS: verified), or a failure.
-        """
+        """A L{BackendSide}'s C{ready}, for C{receiver}, C{header} first."""
         tls = self._tls
         side = (
             BackendSide(receiver, header)

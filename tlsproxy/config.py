@@ -1,9 +1,7 @@
 """
-C{--config FILE}: one service per section of an INI file, named by it; the
-keys are the long options, the values as on the command line (a repeatable
-option one per line, a flag yes/no), C{[DEFAULT]} for every section.  Each
-section becomes a command line, so every check applies; an error names the
-file, the section and the key.
+C{--config FILE}: an INI file, a service per section, named by it; keys are
+long options (a repeatable one a value per line, a flag yes/no), C{[DEFAULT]}
+for every section.  Each section is read as a command line.
 """
 
 from __future__ import annotations
@@ -29,11 +27,9 @@ def read_services(
     process_wide: Collection[str],
 ) -> list[tuple[str, OptionsT]]:
     """
-    Each section of the INI file C{path}: its name, and C{parse}'s reading of
-    its keys as a command line (C{kinds}: each option a C{"flag"}, a
-    C{"value"} or C{"values"}; C{process_wide} ones refused).
-
-    @raise ConfigError: for the file, a section, or a key or value refused.
+    Each section of C{path}: its name and C{parse}'s reading of it as a
+    command line (C{kinds}: each option's C{"flag"}, C{"value"} or
+    C{"values"}; C{process_wide} ones refused); ConfigError names the key.
     """
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -91,10 +87,7 @@ def _yes(where: str, value: str) -> bool:
 
 
 def _in_file_terms(message: str, keys: Collection[str]) -> str:
-    """
-    A command-line error message as the file would say it: the options'
-    names without C{--}, the first one as the key (C{"cert: /x.pem: ..."}).
-    """
+    """A command line's error as the file says it (C{"cert: /x.pem: ..."})."""
     first = re.match(r"--([a-z][a-z0-9-]*) ", message)
     if first and first[1] in keys:
         message = f"{first[1]}: {message[first.end() :]}"

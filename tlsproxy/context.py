@@ -23,12 +23,8 @@ from .flow import CountingConnection
 from .peer import server_name
 from .values import ConfigError, TLSPolicy
 
-_OPTIONS = (
-    SSL.OP_NO_COMPRESSION
-    | SSL.OP_CIPHER_SERVER_PREFERENCE
-    | SSL.OP_NO_RENEGOTIATION
-    | SSL.OP_SINGLE_ECDH_USE
-)
+_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_SINGLE_ECDH_USE
+_OPTIONS |= SSL.OP_CIPHER_SERVER_PREFERENCE
 UNKNOWN_NAME = "unknown server name (--sni-strict)"
 DEFAULT_POLICY = TLSPolicy()
 
@@ -45,10 +41,8 @@ def server_context(
     identity: Identity, policy: TLSPolicy, client_cas: Sequence[x509.Certificate]
 ) -> SSL.Context:
     """
-    An OpenSSL context for C{identity}, as C{policy} says; a certificate from
-    one of C{client_cas} required, if any.
-
-    @raise ConfigError: OpenSSL refuses the certificate or the key.
+    An OpenSSL context for C{identity} under C{policy}, requiring a client
+    certificate from C{client_cas} if any; ConfigError if OpenSSL refuses it.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(policy.minimum)
@@ -56,8 +50,7 @@ def server_context(
     # Free a connection's buffers while idle: 29 KiB per idle connection, not 50.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(policy.ciphers.encode("ascii"))
-    # Always a callback, so that a client's ALPN offer never fails the
-    # handshake (Twisted 26.10's own contexts abort it: see DESIGN.md).
+    # Always a callback: an ALPN offer never fails the handshake (DESIGN.md).
     choose = functools.partial(_choose_protocol, policy.alpn)
     context.set_alpn_select_callback(choose)  # type: ignore[arg-type]
     # No session cache: TLS 1.2 never resumes (see _choose_certificate).
@@ -108,9 +101,8 @@ def _choose_certificate(
 ) -> None:
     """
     The certificate for the SNI name: one naming it, else a wildcard of its
-    parent, else the default; C{strict}: the C{unrecognized_name} alert.
-    Every ClientHello comes here, so TLS 1.2 is denied tickets here: on its
-    resumption OpenSSL would report the session's name, not the one sent.
+    parent, else the default (C{strict}: an C{unrecognized_name} alert).
+    TLS 1.2 gets no ticket: resumed, OpenSSL reports the session's name.
     """
     if connection.get_protocol_version() < SSL.TLS1_3_VERSION:
         connection.set_options(SSL.OP_NO_TICKET)
@@ -128,8 +120,7 @@ def _choose_certificate(
 def _refuse() -> typing.NoReturn:
     """
     Fail the handshake with C{unrecognized_name}: pyOpenSSL sends it when the
-    SNI callback raises, after C{sys.excepthook} (which would print a
-    traceback): a hook for that one call takes it, then puts the old one back.
+    SNI callback raises, after calling C{sys.excepthook}: hooked, once.
     """
     previous = sys.excepthook
 
@@ -147,10 +138,7 @@ class _UnknownNameError(Exception):
 @implementer(IOpenSSLServerConnectionCreator)
 @attrs.define
 class Certificates:
-    """
-    The TLS context given to each new connection (not Twisted's, which turns
-    sessions off); L{reload} reads the files again, L{rotate} makes new keys.
-    """
+    """Each new connection's TLS context; L{reload} the files, L{rotate} the keys."""
 
     read: Callable[[], Credentials]
     policy: TLSPolicy = DEFAULT_POLICY
@@ -162,7 +150,7 @@ class Certificates:
         self.reload()
 
     def reload(self) -> None:
-        """Read the files and use them; ConfigError, and the old ones stay, if bad."""
+        """Read the files and use them; ConfigError (the old ones stay) if bad."""
         credentials = self.read()
         self.context = _sni_context(credentials, self.policy, self.strict)
         self.credentials = credentials

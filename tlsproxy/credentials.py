@@ -1,7 +1,6 @@
 """
-The PEM files a service reads (certificates, keys, CAs) at start-up, before
-twistd chroots, and on reload; and C{--self-signed}'s throwaway certificate.
-A mistake is a L{ConfigError} naming the option and the file.
+The PEM files (certificates, keys, CAs), read before twistd chroots and on
+reload, and C{--self-signed}'s certificate; ConfigError names option and file.
 """
 
 from __future__ import annotations
@@ -37,11 +36,7 @@ def _read(option: str, path: str) -> bytes:
 
 
 def load_cas(option: str, path: str) -> tuple[x509.Certificate, ...]:
-    """
-    The certificates of the PEM file C{path}, given by C{option}.
-
-    @raise ConfigError: the file cannot be read or holds none.
-    """
+    """The certificates of C{option}'s PEM file C{path}; ConfigError if none."""
     try:
         return tuple(x509.load_pem_x509_certificates(_read(option, path)))
     except ValueError:
@@ -50,10 +45,8 @@ def load_cas(option: str, path: str) -> tuple[x509.Certificate, ...]:
 
 def load_key(path: str) -> PrivateKeyTypes:
     """
-    The unencrypted PEM private key of C{path}; a warning if group or others
-    can read it.
-
-    @raise ConfigError: the file cannot be read or holds no usable key.
+    The unencrypted PEM private key of C{path} (warned of if group or others
+    can read it); ConfigError if the file has none usable.
     """
     data = _read("--key", path)
     mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -111,10 +104,8 @@ def read_credentials(
 ) -> Credentials:
     """
     Read C{--cert} files or directories, their C{--key} files (one per
-    C{--cert}, or none: each holds its key), the C{--client-ca} file;
-    C{identities} made in memory come first.
-
-    @raise ConfigError: on any problem with any file.
+    C{--cert}, or none: each holds its key), the C{--client-ca} file, after
+    C{identities} made in memory; ConfigError for any problem.
     """
     if not (certs or identities):
         raise ConfigError("--cert FILE (or --self-signed NAME) is required")
@@ -157,11 +148,7 @@ class SelfSigned:
 
 
 def self_signed(name: str) -> SelfSigned:
-    """
-    A P-256 key and a 30-day certificate for C{name}, a DNS name or an IP.
-
-    @raise ConfigError: C{name} cannot be a certificate's name.
-    """
+    """A P-256 key and a 30-day certificate for C{name} (a DNS name or an IP)."""
     key = ec.generate_private_key(ec.SECP256R1())
     try:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

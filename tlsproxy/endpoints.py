@@ -1,7 +1,6 @@
 """
-Twisted endpoint strings, as far as tlsproxy reads them itself: its own
-prefixes (C{haproxy:} on a listening endpoint, C{tls:} on a backend's), and
-what a listening endpoint binds, to tell two services apart.
+Endpoint strings as tlsproxy reads them: its prefixes (C{haproxy:}, C{tls:})
+and what a listening endpoint binds, to tell two services apart.
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ def _fields(description: str) -> tuple[str, list[str], dict[str, str]]:
 
 def binds(listen: str) -> tuple[str, str, str]:
     """
-    What a listening endpoint binds: C{("tcp", port, interface)} for
-    C{tcp:} and C{tcp6:} (behind C{haproxy:} too), C{("unix", path, "")},
-    or its kind and the rest.
+    What C{listen} binds: C{("tcp", port, interface)} (for C{tcp6:} too),
+    C{("unix", path, "")}, or its kind and the rest.
     """
     kind, plain, named = _fields(behind_balancer(listen)[1])
     if kind in ("tcp", "tcp6"):
@@ -45,10 +43,7 @@ def binds(listen: str) -> tuple[str, str, str]:
 
 
 def overlap(one: str, other: str) -> bool:
-    """
-    Whether two listening endpoints bind one port (not 0: a free one) of one
-    interface, or one path.
-    """
+    """Whether two listening endpoints bind one port (not 0) or one path."""
     (kind, where, interface), (kind2, where2, interface2) = binds(one), binds(other)
     return (kind, where) == (kind2, where2) != ("tcp", "0") and (
         interface == interface2 or interface in _ANY or interface2 in _ANY

@@ -1,9 +1,7 @@
 """
 Flow control: a side's full write buffer pauses the other side's reading
-(L{Throttle}); and a TLS layer stops reading its peer while what TLS itself
-answers to that peer (a KeyUpdate that asks for one, an alert) waits in a
-full buffer, so that it holds at most one read's answers beyond it
-(L{TLSProtocol}, on both sides).
+(L{Throttle}); a TLS layer stops reading its peer while TLS's own answers to
+it (to a KeyUpdate, say) wait in a full buffer (L{TLSProtocol}).
 """
 
 from __future__ import annotations
@@ -36,11 +34,7 @@ class Transport(typing.Protocol):
 @implementer(IPushProducer)
 @attrs.frozen
 class Throttle:
-    """
-    The producer a side's transport gets: pausing and resuming reach the
-    C{other} side's reading; stopping does not (the relay closes a lost
-    side's peer itself, with close_notify).
-    """
+    """A side's producer: the C{other} side's reading (stopping: the relay's job)."""
 
     other: Transport
 
@@ -69,11 +63,9 @@ class CountingConnection(SSL.Connection):
 @implementer(IPushProducer)
 class _Drain:
     """
-    The producer a L{TLSProtocol} keeps registered with its transport from
-    the start: the transport's buffer is full while it is paused.  Pausing
-    and resuming pass on to the layer above's producer, if it has one.  A
-    transport that is closing waits for its producer to resume; then this
-    one steps aside, and the transport closes.
+    A L{TLSProtocol}'s producer, always registered (paused: the buffer is
+    full), passing on to the layer above's; it steps aside for a closing
+    transport, which waits for its producer's resume.
     """
 
     def __init__(self, tls: TLSProtocol) -> None:
@@ -101,11 +93,9 @@ class _Drain:
 
 class TLSProtocol(BufferingTLSTransport):
     """
-    Twisted's TLS protocol (small writes aggregated), over a
-    L{CountingConnection}.  The layer above pauses and resumes reading as
-    before: the transport reads while neither it nor an answer holds it.
-    Its producer is never the TLS layer's own, so that L{loseConnection}
-    sends close_notify at once, whatever is registered.
+    Twisted's TLS protocol over a L{CountingConnection}: the transport reads
+    while neither the layer above nor a waiting answer holds it.  Never its
+    own producer: L{loseConnection} sends close_notify at once.
     """
 
     full = False  # the transport's buffer is full

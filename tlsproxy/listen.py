@@ -1,9 +1,7 @@
 """
-Accepting connections: the limits that admit them (past one, a connection is
-closed at once, before any TLS byte; refusals counted, and logged once per
-C{report} seconds), TLS over the relay's factory (or plain, C{--client}), a
-front balancer's PROXY header read first (C{--listen haproxy:}), and the
-port bound with C{SO_REUSEPORT} when processes share it.
+Accepting connections: the limits (past one, closed before any TLS byte,
+refusals logged once per C{report} seconds), TLS over the relay's factory, a
+front balancer's PROXY header first, C{SO_REUSEPORT} for shared ports.
 """
 
 from __future__ import annotations
@@ -108,11 +106,9 @@ class Refused(Protocol):
 
 class _BehindBalancer(ProtocolWrapper):
     """
-    A connection from a front balancer: its PROXY header is read (and
-    checked: L{tlsproxy.proxyheader.parse}) before any byte reaches the
-    protocol above, and gives the client's address (L{Proxied}) and the
-    destination's.  A connection whose first bytes are not a valid header
-    is aborted.
+    A connection from a front balancer: its PROXY header (checked) comes
+    first and gives the client's and the destination's addresses; without a
+    valid one, the connection is aborted.
     """
 
     _addresses: Addresses | None = None
@@ -160,11 +156,8 @@ def behind_balancer_factory(
 
 class _ReusePort:
     """
-    A reactor for C{tcp:} and C{tcp6:} endpoints (which call only
-    C{listenTCP}) that binds with C{SO_REUSEPORT} too.  On Linux the
-    processes sharing a port must all set it and have the same effective
-    uid when they bind (root, under twistd); the kernel spreads new
-    connections among them by a hash of the addresses and ports.
+    A reactor for C{tcp:} endpoints that binds with C{SO_REUSEPORT} (Linux:
+    the sharers bind with one euid; the kernel hashes connections to them).
     """
 
     def __init__(self, reactor: object) -> None:
@@ -191,10 +184,7 @@ def accepting(
 def listening(
     listen: str, factory: IProtocolFactory, reactor: object, reuse_port: bool
 ) -> IService:
-    """
-    The service that listens on C{listen} for C{factory}: it binds in
-    C{privilegedStartService}, and raises there if it cannot.
-    """
+    """The service of C{factory} on C{listen}; it binds (or raises) when started."""
     balanced, endpoint = behind_balancer(listen)
     if balanced:
         factory = behind_balancer_factory(factory)

@@ -27,6 +27,9 @@ from twisted.web.server import Request, Site
 from .endpoints import binds
 from .record import ConnectionRecord
 
+if typing.TYPE_CHECKING:
+    from .service import ProxyService
+
 _log = Logger(namespace="tlsproxy")
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The counts read from each service when scraped: name, attribute, help.
@@ -38,59 +41,40 @@ _COUNTS = [
 ]
 
 
-class Watched(typing.Protocol):
-    """A service's counts (L{tlsproxy.service.ProxyService}'s), and C{tls}."""
-
-    @property
-    def tls(self) -> bool: ...
-
-
 def reason_kind(reason: str | None) -> str:
     """A close reason without its detail: "backend connect failed", say."""
     return (reason or "").split(":")[0]
 
 
 class Metrics:
-    """
-    The metrics of one process: L{observe} counts each connection record,
-    L{watch} adds a service's counts.
-    """
+    """A process's metrics: L{observe} counts records, L{watch} adds a service."""
 
     def __init__(self) -> None:
-        self._services: dict[str, Watched] = {}
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
-        labels, reg = ["service", "reason"], self.registry
-        self._closed = Counter(
-            "tlsproxy_connections_closed", "Connections ended.", labels, registry=reg
-        )
-        self._failures = Counter(
-            "tlsproxy_handshake_failures",
-            "Connections that ended before their TLS handshake completed.",
-            labels,
-            registry=reg,
-        )
-        self._bytes = Counter(
-            "tlsproxy_bytes",
-            "Bytes relayed, counted when a connection ends.",
-            ["service", "direction"],
-            registry=reg,
+        self._services: dict[str, ProxyService] = {}
+        self.registry = reg = CollectorRegistry()
+        reg.register(self)
+        self._closed, self._failures, self._bytes = (
+            Counter(f"tlsproxy_{name}", text, ["service", label], registry=reg)
+            for name, label, text in [
+                ("connections_closed", "reason", "Connections ended."),
+                ("handshake_failures", "reason", "Ended before the TLS handshake."),
+                ("bytes", "direction", "Bytes relayed, counted when connections end."),
+            ]
         )
         self._handshake, self._connect = (
             Histogram(
-                f"tlsproxy_{name}_seconds",
-                text,
-                ["service"],
-                buckets=_LATENCY,
-                registry=reg,
+                f"tlsproxy_{name}", text, ["service"], buckets=_LATENCY, registry=reg
             )
             for name, text in [
-                ("handshake", "TLS handshake time, from the accept."),
-                ("backend_connect", "Backend connection time, from the handshake."),
+                ("handshake_seconds", "TLS handshake time, from the accept."),
+                (
+                    "backend_connect_seconds",
+                    "Backend connect time, from the handshake.",
+                ),
             ]
         )
 
-    def watch(self, name: str, service: Watched) -> None:
+    def watch(self, name: str, service: ProxyService) -> None:
         """Report C{service}'s counts, labelled C{name}."""
         self._services[name] = service
 
@@ -120,10 +104,7 @@ class Metrics:
             yield family
 
     def service(self, endpoint: str, reactor: object) -> IService:
-        """
-        The service of the page on C{endpoint}; a warning if it listens beyond
-        loopback (the page names the services and their counts).
-        """
+        """The page's service on C{endpoint}, warned of if beyond loopback."""
         kind, _, interface = binds(endpoint)
         if kind == "tcp" and not _loopback(interface):
             _log.warn(

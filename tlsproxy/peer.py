@@ -1,7 +1,6 @@
 """
-What a client presents, read in one place (its addresses, the server name
-it sent, its certificate) and checked: the allow list, the record and the
-PROXY header use these answers.
+What a client presents (addresses, server name, certificate), read and
+checked in one place for the allow list, the record and the PROXY header.
 """
 
 from __future__ import annotations
@@ -63,11 +62,7 @@ _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*", 
 
 
 def server_name(connection: SSL.Connection) -> str | None:
-    """
-    The server name the client sent, lower case: None if none, C{""} if not
-    a host name.  (On a TLS 1.2 resumption OpenSSL reports the session's:
-    tlsproxy never resumes TLS 1.2, see L{tlsproxy.context}.)
-    """
+    """The client's server name, lower case: None if none, C{""} if not a host name."""
     sent = connection.get_servername()
     if sent is None:
         return None
@@ -85,11 +80,7 @@ def printable(text: str) -> str:
 @implementer(IAddress)
 @attrs.frozen
 class Proxied:
-    """
-    A client behind a front balancer: the C{client}'s address from the
-    balancer's PROXY header (None until a valid one has come), the
-    C{balancer}'s own.
-    """
+    """A client's address from a balancer's PROXY header (None: none yet), its own."""
 
     client: IAddress | None
     balancer: IAddress
@@ -107,26 +98,19 @@ def client_address(peer: IAddress) -> dict[str, str | int | None]:
     client, balancer = peer, None
     if isinstance(peer, Proxied):
         client, balancer = peer.client or peer.balancer, peer.balancer
-    client_host, client_port = host_port(client)
-    balancer_host, balancer_port = host_port(balancer)
-    return {
-        "client_host": client_host,
-        "client_port": client_port,
-        "balancer_host": balancer_host,
-        "balancer_port": balancer_port,
-    }
+    fields = ("client_host", "client_port", "balancer_host", "balancer_port")
+    return dict(zip(fields, (*host_port(client), *host_port(balancer)), strict=True))
 
 
 def backend_address(local: IAddress, peer: IAddress) -> dict[str, str | int | None]:
     """The record's backend fields: where tlsproxy is on it, and where it is."""
-    local_host, local_port = host_port(local)
-    host, port = host_port(peer)
-    return {
-        "backend_local_host": local_host,
-        "backend_local_port": local_port,
-        "backend_host": host,
-        "backend_port": port,
-    }
+    fields = (
+        "backend_local_host",
+        "backend_local_port",
+        "backend_host",
+        "backend_port",
+    )
+    return dict(zip(fields, (*host_port(local), *host_port(peer)), strict=True))
 
 
 def without_header(peer: IAddress) -> bool:

@@ -1,8 +1,6 @@
 """
-What only twistd's process gets, around its services: a port that cannot be
-bound ends start-up with one line and exit status 1, not a traceback;
-SIGTERM drains and exits with status 0; SIGHUP reloads every service's
-certificates.
+twistd's process around the services: a port that cannot be bound is one
+line and exit status 1; SIGTERM drains, then exits 0; SIGHUP reloads.
 """
 
 from __future__ import annotations
@@ -22,17 +20,11 @@ from .service import ProxyService
 
 
 class StartupError(Exception):
-    """
-    A failure after the options were accepted; its text is one line.  (An
-    C{Exception}: twistd reports those to its parent when it daemonizes.)
-    """
+    """A failure after the options were accepted; its text is one line."""
 
 
 def one_line(hook: Callable[..., object]) -> Callable[..., object]:
-    """
-    C{sys.excepthook} for twistd: a L{StartupError} escaping it prints its
-    one line instead of a traceback (the exit status stays 1).
-    """
+    """C{sys.excepthook} for twistd: a L{StartupError} is its line, no traceback."""
 
     def excepthook(kind: type[BaseException], value: BaseException, tb: object) -> None:
         if issubclass(kind, StartupError):
@@ -44,10 +36,7 @@ def one_line(hook: Callable[..., object]) -> Callable[..., object]:
 
 
 class Process(MultiService):
-    """
-    The services of twistd's process; C{proxies} are the proxies among
-    them, in the order of the command line or the file.
-    """
+    """twistd's services; C{proxies}: the proxies among them, in order."""
 
     def __init__(self, reactor: IReactorCore) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -95,7 +84,6 @@ class Process(MultiService):
             proxy.reload()
 
     def _stop(self) -> None:
-        # twistd would re-raise SIGTERM once stopped (status "killed"); a
-        # stop after the drain is status 0.
+        # (twistd's own handler would end with status "killed", not 0)
         with contextlib.suppress(ReactorNotRunning):  # (a second SIGTERM)
             self._reactor.stop()

@@ -1,8 +1,7 @@
 """
-PROXY protocol headers (HAProxy's doc/proxy-protocol.txt): sent to the
-backend before any client byte, made from the record as it is when the
-backend connects (v2 adds TLVs of the TLS facts); and read from a front
-balancer, every field checked.
+PROXY protocol headers (HAProxy's doc/proxy-protocol.txt): made from the
+record for the backend (v2 with TLVs of the TLS facts), and read, checked,
+from a front balancer.
 """
 
 from __future__ import annotations
@@ -29,11 +28,7 @@ def no_header(record: ConnectionRecord) -> bytes:
 
 
 def _addresses(record: ConnectionRecord) -> list[typing.Any]:
-    """
-    The client's and the listening IP address, if of one version and with
-    ports 0 to 65535; else none (a UNIX socket, say).  An IPv6 scope
-    (C{fe80::1%eth0}) is dropped: the header has no room for it.
-    """
+    """The client's and listening IP addresses, if of one version; scopes dropped."""
     ports = (record.client_port, record.listen_port)
     try:
         pair = [
@@ -68,9 +63,8 @@ def _tlv(kind: int, value: str | bytes | None) -> bytes:
 
 def v2(record: ConnectionRecord) -> bytes:
     """
-    The binary header: the addresses (AF_UNSPEC if not IP), then the TLVs
-    ALPN, AUTHORITY (SNI), UNIQUE_ID (the record's id), and SSL with its
-    VERSION, CN and CIPHER; one the connection has no value for is left out.
+    The binary header: the addresses (or AF_UNSPEC), then the TLVs it has
+    values for: ALPN, AUTHORITY, UNIQUE_ID, SSL (VERSION, CN, CIPHER).
     """
     family, body = 0x00, b""
     if addresses := _addresses(record):
@@ -108,12 +102,9 @@ _PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
 
 def parse(data: bytes) -> tuple[int, Addresses | None] | None:
     """
-    The PROXY header (v1 or v2) at the start of C{data}: None while it is
-    not whole; then its length, and the client's and the destination's
-    addresses (IP addresses of the family named, ports 0 to 65535), or None
-    when it gives none (v1 UNKNOWN, v2 LOCAL, other families).
-
-    @raise ValueError: C{data} does not start with a valid header.
+    The PROXY header (v1 or v2) C{data} starts with: None while incomplete,
+    then its length and the client's and destination's addresses (None for
+    UNKNOWN, LOCAL, other families); ValueError if it is not a valid one.
     """
     if data[:12] == V2_SIGNATURE[: len(data)]:
         return _v2(data) if len(data) >= 16 else None
@@ -135,8 +126,7 @@ def parse(data: bytes) -> tuple[int, Addresses | None] | None:
         raise ValueError("not a port")
     if any(b"%" in h for h in hosts):
         raise ValueError("a scoped address")  # (the scope could be any text)
-    source, destination = (h.decode() for h in hosts)
-    return end + 2, _pair(kind, source, destination, int(ports[0]), int(ports[1]))
+    return end + 2, _pair(kind, [h.decode() for h in hosts], [int(p) for p in ports])
 
 
 def _v2(data: bytes) -> tuple[int, Addresses | None] | None:
@@ -153,22 +143,17 @@ def _v2(data: bytes) -> tuple[int, Addresses | None] | None:
     if length < 2 * size + 4:
         raise ValueError("addresses cut short")
     ports = struct.unpack("!HH", body[2 * size : 2 * size + 4])
-    return 16 + length, _pair(kind, body[:size], body[size : 2 * size], *ports)
+    return 16 + length, _pair(kind, [body[:size], body[size : 2 * size]], ports)
 
 
 def _pair(
     kind: type[IPv4Address | IPv6Address],
-    source: str | bytes,
-    destination: str | bytes,
-    source_port: int,
-    destination_port: int,
+    hosts: typing.Sequence[str | bytes],
+    ports: typing.Sequence[int],
 ) -> Addresses:
-    """Twisted's addresses of what a header gives, checked."""
+    """Twisted's source and destination addresses of a header, checked."""
     version = 4 if kind is IPv4Address else 6
-    hosts = [ipaddress.ip_address(h) for h in (source, destination)]
-    if any(h.version != version for h in hosts):
+    ips = [ipaddress.ip_address(h) for h in hosts]
+    if any(ip.version != version for ip in ips):
         raise ValueError("not an address of the family named")
-    return (
-        kind("TCP", str(hosts[0]), source_port),
-        kind("TCP", str(hosts[1]), destination_port),
-    )
+    return kind("TCP", str(ips[0]), ports[0]), kind("TCP", str(ips[1]), ports[1])

@@ -1,7 +1,4 @@
-"""
-Connection records (the field names are an interface: README.rst), and the
-two logs they go to: twistd's, a line each, and the connection log.
-"""
+"""Connection records (fields: README.rst), twistd's line, the connection log."""
 
 from __future__ import annotations
 
@@ -20,10 +17,7 @@ from .peer import printable
 
 @attrs.frozen(kw_only=True)
 class ConnectionRecord:
-    """
-    One connection: C{event} C{"open"} once the backend is connected,
-    C{"close"} once it has ended; a field that does not apply (yet) is None.
-    """
+    """One connection, C{"open"} (backend connected) or C{"close"}; None: n/a."""
 
     event: str
     id: str
@@ -58,11 +52,7 @@ RecordObserver = Callable[[ConnectionRecord], None]
 
 
 class Recording:
-    """
-    One connection's record as it goes: the facts so far, the bytes each
-    way, the first reason given for its end; the C{open} and C{close}
-    records go to C{observe}.
-    """
+    """A record in the making (facts, bytes, first reason), for C{observe}."""
 
     def __init__(self, service: str, clock: IReactorTime, observe: RecordObserver):
         self._clock, self._observe = clock, observe
@@ -125,10 +115,8 @@ _log = Logger(namespace="tlsproxy")
 
 def log_close(record: ConnectionRecord) -> None:
     """
-    One line in twistd's log per closed connection, as stunnel's: who, via
-    which local address, to where, why it ended, the bytes each way.  Made
-    in one f-string (a format string with every field costs Twisted's logger
-    2.7 times as much); control characters escaped: one record, one line.
+    A line in twistd's log per closed connection, as stunnel's, control
+    characters escaped (one f-string: Twisted's formatting costs 2.7 times).
     """
     if record.event == "close":
         client = _endpoint(record.client_host, record.client_port)
@@ -145,9 +133,8 @@ def log_close(record: ConnectionRecord) -> None:
 
 class ConnectionLog:
     """
-    The connection log: a line of JSON per record, each with one write(2) in
-    append mode (never split; logrotate's C{copytruncate} is safe), the file
-    opened once, at start-up, before twistd chroots.
+    A JSON line per record, one write(2) in append mode (never split;
+    C{copytruncate} is safe), the file opened before twistd chroots.
     """
 
     def __init__(self, path: str, fd: int) -> None:
@@ -156,11 +143,7 @@ class ConnectionLog:
 
     @classmethod
     def open(cls, path: str) -> ConnectionLog:
-        """
-        Open (or create, mode 0640) C{path} to append, not through a link.
-
-        @raise OSError: it cannot (ELOOP: a link).
-        """
+        """Open or create (0640) C{path} to append, not by a link (OSError ELOOP)."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
         return cls(path, os.open(path, flags, 0o640))
 

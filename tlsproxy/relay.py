@@ -1,12 +1,11 @@
 """
-The proxy pair, owned by L{ClientSide}.  The backend is connected only after
-the client's handshake (at once for plain clients); what the client sends
-meanwhile waits (a read at most: the client is paused).  Flow control both
-ways (L{tlsproxy.flow}).  Every byte arrives, in order: a backend's close
-gives the client every byte, then close_notify; a client's close_notify
-gives the backend every byte, then a FIN; anything else aborts both sides.
-One close path: once both sides are gone, one C{close} record, with the
-reason of whatever ended the connection first.
+The proxy pair, owned by L{ClientSide}.  The backend is connected after the
+client's handshake (at once for plain clients); the client is paused
+meanwhile.  Flow control both ways (L{tlsproxy.flow}).  Every byte arrives,
+in order: a backend's close gives the client every byte, then close_notify;
+a client's close_notify gives the backend every byte, then a FIN; anything
+else aborts both.  Once both sides are gone, one C{close} record, with the
+reason of what ended the connection first.
 """
 
 from __future__ import annotations
@@ -93,10 +92,7 @@ def _no_delay(transport: object) -> None:
 
 
 class RelayFactory(ServerFactory):
-    """
-    A L{ClientSide} for each connection to C{config}'s service that
-    C{admission} lets in, toward C{connect}; C{live}: those not closed yet.
-    """
+    """A L{ClientSide} per connection C{admission} lets in; C{live}: not closed."""
 
     noisy = False
 
@@ -110,12 +106,8 @@ class RelayFactory(ServerFactory):
     ) -> None:
         self.connect, self.admission, self.clock = connect, admission, clock
         self.observe, self.timeouts = observe, config.timeouts
-        self.service, self.header, self.allow = (
-            config.service,
-            config.header,
-            config.allow,
-        )
-        self.tls = config.certificates is not None
+        self.service, self.header = config.service, config.header
+        self.allow, self.tls = config.allow, config.certificates is not None
         self.live: set[ClientSide] = set()
 
     @override

@@ -1,7 +1,6 @@
 """
-One proxy as a Twisted service (L{proxy_service} composes it: the way to
-embed tlsproxy): it listens, relays, drains on stop, rotates ticket keys
-hourly, and reads its files again on L{ProxyService.reload}.
+One proxy as a Twisted service, made by L{proxy_service}: it listens,
+relays, drains on stop, rotates ticket keys hourly, and reloads its files.
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ class _Reloadable(typing.Protocol):
 
 
 class ProxyService(MultiService):
-    """
-    C{config}'s service: C{listening} for C{relay}.  On stop, a drain: no new
-    connections, the live ones get C{limits.drain} seconds, then are aborted.
-    """
+    """C{config}'s service; stopped, it lets live connections drain, then aborts."""
 
     def __init__(
         self,
@@ -109,10 +105,8 @@ class ProxyService(MultiService):
 
     async def _drained(self, stopped: Deferred[object]) -> None:
         await stopped
-        live, deadline = (
-            self.relay.live,
-            self._clock.seconds() + self.config.limits.drain,
-        )
+        live = self.relay.live
+        deadline = self._clock.seconds() + self.config.limits.drain
         while live and self._clock.seconds() < deadline:
             await deferLater(self._clock, 0.05, lambda: None)
         for side in list(live):
@@ -129,9 +123,8 @@ def proxy_service(
     shared: SharedLimit | None = None,
 ) -> ProxyService:
     """
-    The service of C{config} on C{reactor}, which binds (or raises) in
-    C{privilegedStartService}; C{observe} gets each record, C{shared} caps
-    live connections across services.
+    The service of C{config} on C{reactor} (it binds, or raises, when
+    started); records to C{observe}; C{shared}: a cap across services.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     admission = Admission(config.service, config.limits, shared or SharedLimit(), clock)

@@ -1,7 +1,6 @@
 """
-C{twistd tlsproxy}: the command line (or C{--config} file) read into values
-in L{Options.postOptions}, which twistd runs as root before it chroots (so
-the files are read then); and L{makeService}, which composes them.
+C{twistd tlsproxy}: the command line (or C{--config}) read into values by
+L{Options.postOptions}, as root before the chroot; L{makeService} composes.
 """
 
 from __future__ import annotations
@@ -134,11 +133,8 @@ class Options(usage.Options):
             raise usage.UsageError(printable(str(e))) from None
 
     def _config(self) -> ProxyConfig:
-        connect, ca, version = (
-            self["connect"],
-            self["backend-ca"],
-            self["proxy-protocol"],
-        )
+        connect, ca = self["connect"], self["backend-ca"]
+        version = self["proxy-protocol"]
         if connect is None:
             raise ConfigError("--connect is required (for example tcp:127.0.0.1:80)")
         if ca is not None and not connect.startswith(TLS):
@@ -198,11 +194,8 @@ class Options(usage.Options):
         return True
 
     def _certificates(self) -> Certificates:
-        name, certs, keys = (
-            self["self-signed"],
-            self.repeated["cert"],
-            self.repeated["key"],
-        )
+        name = self["self-signed"]
+        certs, keys = self.repeated["cert"], self.repeated["key"]
         made: list[Identity] = []
         if name is not None:
             if certs or keys:
@@ -268,11 +261,8 @@ def makeService(options: Options) -> IService:
 
     sys.excepthook = one_line(sys.excepthook)
     process = Process(reactor)
-    shared, metrics, path = (
-        SharedLimit(options.total),
-        options.metrics,
-        options["config"],
-    )
+    shared, metrics = SharedLimit(options.total), options.metrics
+    path = options["config"]
     for one in options.services:
         config = one.config
         if one.fingerprint is not None:

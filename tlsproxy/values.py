@@ -1,7 +1,6 @@
 """
-The values a proxy is made of, each checked when made, from text too: the
-command line, C{--config} and embedding share the checks.  A mistake is a
-L{ConfigError} naming the option and the value.
+The values a proxy is made of, checked when made (from text too), for the
+command line, C{--config} and embedding alike: ConfigError names the option.
 """
 
 from __future__ import annotations
@@ -77,10 +76,7 @@ class Timeouts:
 
 @attrs.frozen(kw_only=True)
 class Limits:
-    """
-    Live connections at most, in all and from one address (inf: no limit);
-    seconds between refusal reports, and to drain on stop.
-    """
+    """Live connections at most, all and per address; seconds to report, to drain."""
 
     total: float = _limit("max-connections")
     per_client: float = _limit("max-connections-per-client")
@@ -138,10 +134,7 @@ def _names(names: typing.Iterable[str]) -> frozenset[str]:
 
 @attrs.frozen(kw_only=True)
 class AllowList:
-    """
-    Client certificates let in: one with any of these CNs, OUs, DNS names or
-    URIs (as ghostunnel's C{--allow-*}); empty: any the CA signed.
-    """
+    """Client certificates let in: any of these CNs, OUs, DNS names, URIs; or all."""
 
     cn: frozenset[str] = attrs.field(default=(), converter=_names)
     ou: frozenset[str] = attrs.field(default=(), converter=_names)
@@ -178,11 +171,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """
-    One service: TLS on C{listen} (C{haproxy:} first behind a balancer) with
-    C{certificates} (None: plain clients, C{--client}), each connection to
-    C{connect} (C{tls:} with C{backend_tls}), after C{header}.
-
-    @raise ConfigError: an endpoint is not understood, or options clash.
+    One service: TLS on C{listen} with C{certificates} (None: plain, for
+    C{--client}), each connection relayed to C{connect} (C{tls:} with
+    C{backend_tls}) after C{header}; ConfigError if options clash.
     """
 
     listen: str
