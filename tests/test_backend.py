@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tlsproxy import tap
 from tlsproxy.backend import Backend, BackendTLS
 from tlsproxy.context import DEFAULT_POLICY, Certificates
-from tlsproxy.endpoints import client_from_string, host_of
+from tlsproxy.endpoints import client_from_string, reaches
 from tlsproxy.listen import Admission, SharedLimit, accepting
 from tlsproxy.proxyheader import v1
 from tlsproxy.record import ConnectionRecord
@@ -172,11 +172,18 @@ class BackendTLSTests(SynchronousTestCase):
         [record] = self.pair(tls).records
         self.assertEqual(record.reason, "backend TLS error: certificate verify failed")
 
-    def test_host_of(self) -> None:
+    def test_reaches(self) -> None:
         """The host to verify is read as Twisted reads the endpoint string."""
-        self.assertEqual(host_of("tls:backend.example:443"), "backend.example")
-        self.assertEqual(host_of("tls:host=10.0.0.2:port=443"), "10.0.0.2")
-        self.assertEqual(host_of("tls:\\:\\:1:443:bindAddress=\\:\\:1"), "::1")
+        self.assertEqual(
+            reaches("tls:backend.example:443"), ("backend.example", 443, False)
+        )
+        self.assertEqual(
+            reaches("tls:host=10.0.0.2:port=443"), ("10.0.0.2", 443, False)
+        )
+        self.assertEqual(
+            reaches("tcp:\\:\\:1:443:bindAddress=\\:\\:1"), ("::1", 443, True)
+        )
+        self.assertEqual(reaches("unix:/run/www.sock"), ("/run/www.sock", None, False))
 
     def test_endpoints(self) -> None:
         """
@@ -502,7 +509,7 @@ class ServiceTests(SynchronousTestCase):
             backend_tls=BackendTLS("127.0.0.1", pem_file(self, CA)),
         )
         service = proxy_service(config, MemoryReactorClock())
-        self.assertFalse(service.tls)
+        self.assertFalse(service.relay.tls)
         self.assertEqual(service.relay.logPrefix(), "tlsproxy")
 
 

@@ -178,22 +178,22 @@ class ReadTests(SynchronousTestCase):
         )
 
     def test_errors_name_file_section_and_key(self) -> None:
-        """The command line's checks apply, and their messages name the key."""
+        """The command line's checks apply, their messages after the section."""
         for text, message in [
             (
                 "connect = tcp:h:1\ncert = /x.pem",
-                "cert: /x.pem: No such file or directory",
+                "--cert /x.pem: No such file or directory",
             ),
-            ("self-signed = x", "connect: is required (for example tcp:127.0.0.1:80)"),
-            ("connect = tcp:h:1", "cert: FILE (or self-signed NAME) is required"),
-            ("connect = bogus:1", "connect: bogus:1: Unknown endpoint type: 'bogus'"),
+            ("self-signed = x", "--connect is required (for example tcp:127.0.0.1:80)"),
+            ("connect = tcp:h:1", "--cert FILE (or --self-signed NAME) is required"),
+            ("connect = bogus:1", "--connect bogus:1: Unknown endpoint type: 'bogus'"),
             (
                 "self-signed = x\nconnect = tcp:h:1\nallow-cn = a",
-                "allow-cn, -ou, -dns and -uri need client-ca",
+                "--allow-cn, -ou, -dns and -uri need --client-ca",
             ),
             (
                 "self-signed = x\nconnect = tcp:h:1\nalpn = --x,",
-                "alpn: --x,: names are 1 to 255 printable ASCII bytes",
+                "--alpn --x,: names are 1 to 255 printable ASCII bytes",
             ),
         ]:
             path = self.files.ini(f"[web]\n{text}\n")

@@ -256,7 +256,7 @@ class ConfigErrorTests(TestCase):
         self.assertNotIn("Traceback", failure.output)
         self.assertTrue(
             failure.last_line.endswith(
-                f": {path} [web] cert: {missing}: No such file or directory"
+                f": {path} [web] --cert {missing}: No such file or directory"
             ),
             failure.output,
         )

@@ -606,25 +606,53 @@ class JailTests(TestCase):
         for proxy in proxies:
             self.assert_alive(proxy)
 
+    def place(self, certs: Certificates) -> list[Path]:
+        """Write C{certs} at the jail's copy of the proxy's paths; those paths."""
+        uid = pwd.getpwnam(USER).pw_uid
+        placed = []
+        for path, new in [(self.certs.cert, certs.cert), (self.certs.key, certs.key)]:
+            inside = self.jail / path.relative_to("/")
+            inside.parent.mkdir(parents=True, exist_ok=True)
+            inside.write_bytes(new.read_bytes())  # (in place, if it is there)
+            os.chown(inside, uid, -1)
+            inside.chmod(0o600)
+            placed.append(inside)
+        return placed
+
     def test_reload_inside_jail(self) -> None:
         """
-        SIGHUP in the jail reads the same paths inside it: without files
-        there the old certificate stays (one line, still serving); with new
-        ones placed there, readable by nobody, they are used.
+        SIGHUP in the jail reads the same paths inside it: files placed there
+        before the start and rewritten in place are read again; confined, a
+        file replaced by rename cannot be, and the certificate in use stays.
         """
+        self.place(self.certs)
         proxy = self.start()
+        proxy.wait_for_log(r"Landlock ABI \d+: read \[.*cert\.pem")
+        fresh = make_certificates(temp_dir(self))
+        self.place(fresh)
+        os.kill(proxy.pid, signal.SIGHUP)
+        proxy.wait_for_log(r"tlsproxy: certificates reloaded")
+        self.assertEqual(get_hello(proxy, fresh), HELLO)
+        renamed = self.jail / "renewed.pem"
+        renamed.write_bytes(self.certs.cert.read_bytes())
+        renamed.rename(self.place(fresh)[0])
+        os.kill(proxy.pid, signal.SIGHUP)
+        proxy.wait_for_log(r"reload failed, the old certificates stay: .*denied")
+        self.assertEqual(get_hello(proxy, fresh), HELLO)
+        self.assert_alive(proxy)
+
+    def test_reload_inside_jail_unconfined(self) -> None:
+        """
+        With --no-sandbox, files placed in the jail after the start are read
+        by SIGHUP; without them the old certificate stays (one line).
+        """
+        proxy = self.start("--no-sandbox")
         old = served_fingerprint(proxy)
         os.kill(proxy.pid, signal.SIGHUP)
         proxy.wait_for_log(r"reload failed, the old certificates stay: .*No such file")
         self.assertEqual(get_hello(proxy, self.certs), HELLO)
         fresh = make_certificates(temp_dir(self))
-        uid = pwd.getpwnam(USER).pw_uid
-        for path, new in [(self.certs.cert, fresh.cert), (self.certs.key, fresh.key)]:
-            inside = self.jail / path.relative_to("/")
-            inside.parent.mkdir(parents=True, exist_ok=True)
-            inside.write_bytes(new.read_bytes())
-            os.chown(inside, uid, -1)
-            inside.chmod(0o600)
+        self.place(fresh)
         os.kill(proxy.pid, signal.SIGHUP)
         proxy.wait_for_log(r"tlsproxy: certificates reloaded")
         self.assertNotEqual(served_fingerprint(proxy), old)

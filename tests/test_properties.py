@@ -244,7 +244,6 @@ OPTIONS: dict[str, Values] = {
     "idle-timeout": SECONDS,
     "drain-timeout": SECONDS,
     "max-connections": COUNTS,
-    "max-connections-per-client": COUNTS,
     "max-connections-total": COUNTS,
     "proxy-protocol": VERSIONS,
     "connection-log": CONNECTION_LOGS,
@@ -255,7 +254,7 @@ OPTIONS: dict[str, Values] = {
     "client-ca": CLIENT_CAS,
     "backend-ca": BACKEND_CAS,
 }
-COUNT_OPTIONS = ["max-connections", "max-connections-per-client"]
+COUNT_OPTIONS = ["max-connections"]
 # Options given more than once are all used (not only the last).
 REPEATABLE = {"cert", "key"}
 DEFAULTS: dict[str, str | None] = {
@@ -484,7 +483,7 @@ class OptionsTests(unittest.TestCase):
         for name, duration in durations.items():
             self.assertTrue(math.isfinite(duration) and duration > 0, name)
             self.assertEqual(duration, float(value(name)), name)
-        limits = [config.limits.total, config.limits.per_client]
+        limits = [config.limits.total]
         for name, actual in zip(COUNT_OPTIONS, limits, strict=True):
             self.assertEqual(actual, int(values[name]) if name in values else math.inf)
         total = values.get("max-connections-total")

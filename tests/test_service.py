@@ -115,25 +115,15 @@ class LimitTests(SynchronousTestCase):
         accepting.close(first)
         self.assertFalse(accepting.accept("192.0.2.3").aborted)
 
-    def test_per_client(self) -> None:
-        """Past --max-connections-per-client from one address, it is closed."""
-        accepting = Accepting(Limits(per_client=2))
-        first = accepting.accept("192.0.2.1", 1)
-        accepting.accept("192.0.2.1", 2)
-        self.assertTrue(accepting.accept("192.0.2.1", 3).aborted)
-        self.assertFalse(accepting.accept("192.0.2.2", 4).aborted)
-        accepting.close(first)
-        self.assertFalse(accepting.accept("192.0.2.1", 5).aborted)
-        self.assertEqual(accepting.admission.refused, 1)
-
     def test_no_limits(self) -> None:
-        """By default nothing is refused, and nothing is kept per closed client."""
+        """By default nothing is refused; closed connections are not counted."""
         accepting = Accepting(Limits())
         transports = [accepting.accept("192.0.2.1", n) for n in range(50)]
         self.assertFalse(any(t.aborted for t in transports))
+        self.assertEqual(accepting.admission.live, 50)
         for transport in transports:
             accepting.close(transport)
-        self.assertEqual(dict(accepting.admission._by_host), {})
+        self.assertEqual(accepting.admission.live, 0)
 
     def test_report(self) -> None:
         """Refusals are logged once per report interval, with their count."""
@@ -242,7 +232,7 @@ class DrainTests(SynchronousTestCase):
 
 
 class OptionTests(SynchronousTestCase):
-    """--max-connections, --max-connections-per-client, --drain-timeout."""
+    """--max-connections, --drain-timeout."""
 
     def parse(self, *args: str) -> tap.Options:
         options = tap.Options()
@@ -252,32 +242,24 @@ class OptionTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """No limits by default, and ten seconds to drain."""
         limits = self.parse().config.limits
-        self.assertEqual((limits.total, limits.per_client), (math.inf, math.inf))
+        self.assertEqual(limits.total, math.inf)
         self.assertEqual(limits.drain, 10)
 
     def test_values(self) -> None:
         """Each option reaches the limits."""
         limits = self.parse(
-            "--max-connections",
-            "1000",
-            "--max-connections-per-client",
-            "20",
-            "--drain-timeout",
-            "2.5",
+            "--max-connections", "1000", "--drain-timeout", "2.5"
         ).config.limits
-        self.assertEqual(
-            (limits.total, limits.per_client, limits.drain), (1000, 20, 2.5)
-        )
+        self.assertEqual((limits.total, limits.drain), (1000, 2.5))
 
     def test_bad_values(self) -> None:
         """A limit is a positive whole number."""
         for value in ("0", "00", "-1", "1.5", "many", "²", "9" * 19):
             with self.assertRaises(usage.UsageError) as caught:
-                self.parse("--max-connections-per-client", value)
+                self.parse("--max-connections", value)
             self.assertEqual(
                 str(caught.exception),
-                f"--max-connections-per-client {value}:"
-                " must be a positive whole number",
+                f"--max-connections {value}: must be a positive whole number",
             )
 
 

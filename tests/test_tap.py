@@ -93,6 +93,15 @@ class OptionsTests(SynchronousTestCase):
             "--connect is required (for example tcp:127.0.0.1:80)",
         )
 
+    def test_connect_port(self) -> None:
+        """A TCP backend's port is 1 to 65535 (Twisted takes any integer)."""
+        for connect in ("tcp:h:0", "tcp:h:65536", "tls:host=h:port=-1"):
+            self.assertEqual(
+                self.error("--connect", connect, "--self-signed", "x"),
+                f"--connect {connect}: not a port",
+            )
+        self.parse("--connect", "tcp:h:65535", "--self-signed", "x")
+
     def test_certificate_required(self) -> None:
         """Without --cert or --self-signed there is no certificate."""
         self.assertEqual(
@@ -322,7 +331,7 @@ class StartupTests(TestCase):
         tap.makeService(options)
         [event] = [e for e in events if "fingerprint" in e]
         self.assertEqual(event["fingerprint"], options.fingerprint)
-        self.assertEqual(event["name"], "x")
+        self.assertEqual(event["made"], "self-signed certificate for x, for trying out")
 
     def test_no_fingerprint_for_files(self) -> None:
         """A certificate from files logs no fingerprint line."""

@@ -1,8 +1,4 @@
-"""
-tlsproxy: terminate TLS and relay the plain bytes to one backend.
-
-The names here are the embedding API (see README.rst, "Embedding").
-"""
+"""tlsproxy: terminate TLS, relay to one backend.  The embedding API (README)."""
 
 from .backend import BackendTLS
 from .context import Certificates, from_files

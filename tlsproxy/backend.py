@@ -1,7 +1,6 @@
 """
 The way to the backend: its endpoint, the PROXY header first, in clear, and
-for C{--connect tls:} TLS verified for HOST against C{--backend-ca} (or the
-platform's trust).  A TLS backend is connected once verified.
+for C{--connect tls:} TLS, connected once verified.
 """
 
 from __future__ import annotations
@@ -37,9 +36,8 @@ from .flow import CountingConnection, TLSProtocol, Transport
 @implementer(IOpenSSLClientConnectionCreator)
 class BackendTLS:
     """
-    A TLS backend must show a certificate for C{host} (a name or an IP) from
-    a CA of C{ca_path} (None: the platform's); TLS 1.2 or later, SNI, no ALPN.
-    ConfigError: C{ca_path} cannot be read or has no certificate.
+    A TLS backend's certificate is for C{host} (name or IP), from a CA of
+    C{ca_path} (None: the platform's); ConfigError if it holds none.
     """
 
     def __init__(self, host: str, ca_path: str | None = None) -> None:

@@ -27,9 +27,8 @@ def read_services(
     process_wide: Collection[str],
 ) -> list[tuple[str, OptionsT]]:
     """
-    Each section of C{path}: its name and C{parse}'s reading of it as a
-    command line (C{kinds}: each option's C{"flag"}, C{"value"} or
-    C{"values"}; C{process_wide} ones refused); ConfigError names the key.
+    Each section of C{path}: its name, and C{parse}'s reading of it as the
+    command line C{kinds} says; C{process_wide} keys refused; ConfigError.
     """
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -50,7 +49,7 @@ def read_services(
         try:
             parsed = parse(_argv(where, parser[name], kinds, process_wide))
         except usage.UsageError as e:
-            raise ConfigError(f"{where} {_in_file_terms(str(e), kinds)}") from None
+            raise ConfigError(f"{where} {e}") from None
         services.append((name, parsed))
     return services
 
@@ -84,13 +83,3 @@ def _yes(where: str, value: str) -> bool:
     if value.lower() not in states:
         raise ConfigError(f"{where}: {value}: not yes/no, true/false, on/off or 1/0")
     return states[value.lower()]
-
-
-def _in_file_terms(message: str, keys: Collection[str]) -> str:
-    """A command line's error as the file says it (C{"cert: /x.pem: ..."})."""
-    first = re.match(r"--([a-z][a-z0-9-]*) ", message)
-    if first and first[1] in keys:
-        message = f"{first[1]}: {message[first.end() :]}"
-    return re.sub(
-        r"--([a-z][a-z0-9-]*)", lambda m: m[1] if m[1] in keys else m[0], message
-    )

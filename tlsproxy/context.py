@@ -1,7 +1,4 @@
-"""
-The server's TLS context: built from the credentials, the certificate chosen
-by SNI name, built again on reload and on rotation (new ticket keys).
-"""
+"""The server's TLS contexts, one per certificate, chosen by the SNI name."""
 
 from __future__ import annotations
 
@@ -100,9 +97,8 @@ def _choose_certificate(
     by_name: dict[str, SSL.Context], strict: bool, connection: Connection
 ) -> None:
     """
-    The certificate for the SNI name: one naming it, else a wildcard of its
-    parent, else the default (C{strict}: an C{unrecognized_name} alert).
-    TLS 1.2 gets no ticket: resumed, OpenSSL reports the session's name.
+    The certificate naming the SNI name, or a wildcard, or the default (or for
+    C{strict}, an alert); no ticket for TLS 1.2 (resumed, it hides the name).
     """
     if connection.get_protocol_version() < SSL.TLS1_3_VERSION:
         connection.set_options(SSL.OP_NO_TICKET)

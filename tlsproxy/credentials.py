@@ -1,7 +1,4 @@
-"""
-The PEM files (certificates, keys, CAs), read before twistd chroots and on
-reload, and C{--self-signed}'s certificate; ConfigError names option and file.
-"""
+"""The PEM files, read before the chroot and on reload; C{--self-signed}'s."""
 
 from __future__ import annotations
 
@@ -103,9 +100,8 @@ def read_credentials(
     identities: Sequence[Identity] = (),
 ) -> Credentials:
     """
-    Read C{--cert} files or directories, their C{--key} files (one per
-    C{--cert}, or none: each holds its key), the C{--client-ca} file, after
-    C{identities} made in memory; ConfigError for any problem.
+    C{identities}, then those of C{--cert} files or directories and C{--key}
+    (one each, or none), and C{--client-ca}; ConfigError for any problem.
     """
     if not (certs or identities):
         raise ConfigError("--cert FILE (or --self-signed NAME) is required")

@@ -58,7 +58,11 @@ def client_from_string(reactor: object, text: str) -> IStreamClientEndpoint:
     return endpoint
 
 
-def host_of(connect: str) -> str:
-    """The host of a C{tcp:} or C{tls:} backend endpoint string."""
-    _, plain, named = _fields(connect)
-    return named.get("host", plain[0])
+def reaches(connect: str) -> tuple[str, int | None, bool]:
+    """
+    A parsed backend endpoint's host, TCP port (not TCP: None), and whether
+    it binds its source address (C{bindAddress}, as stunnel's C{local}).
+    """
+    kind, plain, named = _fields(connect)
+    port = int(named.get("port", plain[1])) if kind in ("tcp", "tls") else None
+    return named.get("host", plain[0]), port, "bindAddress" in named

@@ -63,9 +63,8 @@ class CountingConnection(SSL.Connection):
 @implementer(IPushProducer)
 class _Drain:
     """
-    A L{TLSProtocol}'s producer, always registered (paused: the buffer is
-    full), passing on to the layer above's; it steps aside for a closing
-    transport, which waits for its producer's resume.
+    A L{TLSProtocol}'s producer (paused: the buffer is full), passing on to
+    the layer above's; it steps aside for a closing transport.
     """
 
     def __init__(self, tls: TLSProtocol) -> None:
@@ -93,9 +92,8 @@ class _Drain:
 
 class TLSProtocol(BufferingTLSTransport):
     """
-    Twisted's TLS protocol over a L{CountingConnection}: the transport reads
-    while neither the layer above nor a waiting answer holds it.  Never its
-    own producer: L{loseConnection} sends close_notify at once.
+    Twisted's TLS over a L{CountingConnection}, reading while neither the
+    layer above nor a waiting answer holds it; close_notify goes at once.
     """
 
     full = False  # the transport's buffer is full

@@ -1,14 +1,12 @@
 """
-Accepting connections: the limits (past one, closed before any TLS byte,
-refusals logged once per C{report} seconds), TLS over the relay's factory, a
-front balancer's PROXY header first, C{SO_REUSEPORT} for shared ports.
+Accepting: the limits (refused before any TLS byte, logged now and then),
+TLS over the relay, a balancer's PROXY header first, C{SO_REUSEPORT}.
 """
 
 from __future__ import annotations
 
 import math
 import typing
-from collections import Counter
 
 from twisted.application import strports
 from twisted.application.service import IService
@@ -49,7 +47,7 @@ class SharedLimit:
 
 
 class Admission:
-    """The live connections of C{service}, by client host, within C{limits}."""
+    """The live connections of C{service}, within C{limits}."""
 
     def __init__(
         self, service: str, limits: Limits, shared: SharedLimit, clock: IReactorTime
@@ -57,16 +55,11 @@ class Admission:
         self._service, self._limits, self._shared = service, limits, shared
         self._clock = clock
         shared.admissions.append(self)
-        self._by_host: Counter[str | None] = Counter()
         self.live = self.accepted = self.refused = self._unreported = 0
 
-    def admit(self, host: str | None) -> bool:
-        """Whether a new connection from C{host} is let in (and counted)."""
-        if (
-            self.live >= self._limits.total
-            or self._by_host[host] >= self._limits.per_client
-            or self._shared.full()
-        ):
+    def admit(self) -> bool:
+        """Whether a new connection is let in (and counted)."""
+        if self.live >= self._limits.total or self._shared.full():
             self.refused += 1
             self._unreported += 1
             if self._unreported == 1:
@@ -74,15 +67,11 @@ class Admission:
             return False
         self.accepted += 1
         self.live += 1
-        self._by_host[host] += 1
         return True
 
-    def release(self, host: str | None) -> None:
-        """An admitted connection from C{host} has ended."""
+    def release(self) -> None:
+        """An admitted connection has ended."""
         self.live -= 1
-        self._by_host[host] -= 1
-        if not self._by_host[host]:
-            del self._by_host[host]
 
     def _report(self) -> None:
         _log.warn(
@@ -106,9 +95,8 @@ class Refused(Protocol):
 
 class _BehindBalancer(ProtocolWrapper):
     """
-    A connection from a front balancer: its PROXY header (checked) comes
-    first and gives the client's and the destination's addresses; without a
-    valid one, the connection is aborted.
+    A connection from a balancer: a valid PROXY header first (else it is
+    aborted), giving the client's and the destination's addresses.
     """
 
     _addresses: Addresses | None = None

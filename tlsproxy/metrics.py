@@ -1,13 +1,10 @@
-"""
-Prometheus metrics (prometheus_client) from the connection records and the
-services' counts, served over HTTP at C{/metrics} on their own endpoint.
-"""
+"""Prometheus metrics of the records and services' counts, served at /metrics."""
 
 from __future__ import annotations
 
 import ipaddress
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,12 +29,16 @@ if typing.TYPE_CHECKING:
 
 _log = Logger(namespace="tlsproxy")
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# The counts read from each service when scraped: name, attribute, help.
-_COUNTS = [
-    ("connections_live", "live", "Connections open now."),
-    ("connections_accepted", "accepted", "Connections accepted (not refused)."),
-    ("connections_refused", "refused", "Connections closed at once: over a limit."),
-    ("reload_failures", "reload_failures", "Reloads that kept the old files."),
+# The counts read from each service when scraped.
+_COUNTS: list[tuple[str, Callable[[ProxyService], int], str]] = [
+    ("connections_live", lambda s: len(s.relay.live), "Connections open now."),
+    ("connections_accepted", lambda s: s.relay.admission.accepted, "Not refused."),
+    ("connections_refused", lambda s: s.relay.admission.refused, "Over a limit."),
+    (
+        "reload_failures",
+        lambda s: s.reload_failures,
+        "Reloads that kept the old files.",
+    ),
 ]
 
 
@@ -91,16 +92,16 @@ class Metrics:
         watched = self._services.get(service)
         if record.handshake_time is not None:
             self._handshake.labels(service).observe(record.handshake_time)
-        elif watched is None or watched.tls:  # (--client: no handshake to fail)
+        elif watched is None or watched.relay.tls:  # (--client: no handshake to fail)
             self._failures.labels(service, kind).inc()
 
     def collect(self) -> Iterator[Metric]:
         """The services' counts, as the registry reads them when scraped."""
-        for name, attribute, text in _COUNTS:
+        for name, count, text in _COUNTS:
             kind = GaugeMetricFamily if name.endswith("live") else CounterMetricFamily
             family = kind(f"tlsproxy_{name}", text, labels=["service"])
             for service, counts in self._services.items():
-                family.add_metric([service], getattr(counts, attribute))
+                family.add_metric([service], count(counts))
             yield family
 
     def service(self, endpoint: str, reactor: object) -> IService:

@@ -21,10 +21,8 @@ _CN_MOST = 64  # characters in a CN, at most (RFC 5280's ub-common-name)
 @attrs.frozen
 class ClientIdentity:
     """
-    A client certificate's C{subject} (control characters escaped); C{cn},
-    its only CN if printable and at most 64 characters (C{CN=admin,
-    CN=alice} has none: the CN checked is the CN sent on); C{names}, what an
-    allow list matches: C{("cn", cn)}, each OU, DNS name and URI.
+    A client certificate's C{subject}, escaped; C{cn}, its only CN, printable,
+    of 64 characters at most; C{names}: its CN, OUs, DNS names and URIs.
     """
 
     subject: str

@@ -6,17 +6,27 @@ line and exit status 1; SIGTERM drains, then exits 0; SIGHUP reloads.
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
+from twisted.logger import Logger
 from typing_extensions import override
 
+from .endpoints import reaches
+from .sandbox import SandboxError, confine
 from .service import ProxyService
+
+_log = Logger(namespace="tlsproxy")
+# Readable: Twisted's reserve descriptor (for EMFILE), getaddrinfo's files.
+READABLE = ("/dev/null", "/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf")
 
 
 class StartupError(Exception):
@@ -38,9 +48,11 @@ def one_line(hook: Callable[..., object]) -> Callable[..., object]:
 class Process(MultiService):
     """twistd's services; C{proxies}: the proxies among them, in order."""
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(
+        self, reactor: IReactorCore, confinement: Callable[[], None] | None = None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._reactor = reactor
+        self._reactor, self._confinement = reactor, confinement
         self._where: dict[IService, str] = {}
         self.proxies: list[ProxyService] = []
         self._sighup = signal.getsignal(signal.SIGHUP)  # put back on stop
@@ -62,6 +74,8 @@ class Process(MultiService):
 
     @override
     def startService(self) -> None:
+        if self._confinement is not None:  # (bound, privileges dropped)
+            self._confinement()
         super().startService()  # type: ignore[no-untyped-call]
         # After the reactor's own handlers, which it installs once running.
         self._reactor.callWhenRunning(self._take_signals)
@@ -87,3 +101,35 @@ class Process(MultiService):
         # (twistd's own handler would end with status "killed", not 0)
         with contextlib.suppress(ReactorNotRunning):  # (a second SIGTERM)
             self._reactor.stop()
+
+
+def confinement(
+    files: Sequence[str], backends: Sequence[str], twistd: Mapping[str, Any] | None
+) -> Callable[[], None]:
+    """
+    Confining the process, once it serves, to reading C{files} (a
+    directory's C{*.pem} too) and L{READABLE}, TCP to C{backends}, rotating
+    twistd's log (C{twistd}: its options; None: not under twistd).
+    """
+    reached = [reaches(backend) for backend in backends]
+    ports = [port for _, port, _ in reached if port is not None]
+    ephemeral = any(binds for _, _, binds in reached)
+    twistd = twistd or {"nodaemon": True}
+    daemon = not (twistd["nodaemon"] or twistd.get("syslog"))
+    log = twistd.get("logfile") or ("twistd.log" if daemon else "-")
+    rotating = None if log == "-" else os.path.dirname(os.path.abspath(log))
+
+    def confined() -> None:
+        readable = list(READABLE)
+        for path in files:
+            readable += [path, *glob.glob(os.path.join(glob.escape(path), "*.pem"))]
+        try:
+            line = confine(readable, ports, ephemeral, rotating)
+        except SandboxError as e:
+            raise StartupError(f"tlsproxy: {e} (--no-sandbox: not confined)") from None
+        if line is None:
+            _log.warn("no Landlock (Linux 5.13+ on x86_64, aarch64): not confined")
+        else:
+            _log.info("{line}", line=line)
+
+    return confined

@@ -1,7 +1,6 @@
 """
-PROXY protocol headers (HAProxy's doc/proxy-protocol.txt): made from the
-record for the backend (v2 with TLVs of the TLS facts), and read, checked,
-from a front balancer.
+PROXY protocol headers (HAProxy's doc/proxy-protocol.txt): made for the
+backend from the record, and read, checked, from a front balancer.
 """
 
 from __future__ import annotations
@@ -102,9 +101,8 @@ _PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
 
 def parse(data: bytes) -> tuple[int, Addresses | None] | None:
     """
-    The PROXY header (v1 or v2) C{data} starts with: None while incomplete,
-    then its length and the client's and destination's addresses (None for
-    UNKNOWN, LOCAL, other families); ValueError if it is not a valid one.
+    The header C{data} starts with: None while incomplete, then its length and
+    addresses (None: none given); ValueError if it is not a valid one.
     """
     if data[:12] == V2_SIGNATURE[: len(data)]:
         return _v2(data) if len(data) >= 16 else None

@@ -64,11 +64,6 @@ class Recording:
         self.from_client = self.to_client = 0
         self.reason: str | None = None
 
-    def since_opened(self) -> float:
-        """Seconds since the connection was accepted."""
-        opened: float = self.facts["opened"]
-        return self._clock.seconds() - opened
-
     def because(self, reason: str) -> None:
         """Note why the connection ends, unless a reason came first."""
         if self.reason is None:

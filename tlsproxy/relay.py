@@ -1,11 +1,8 @@
 """
-The proxy pair, owned by L{ClientSide}.  The backend is connected after the
-client's handshake (at once for plain clients); the client is paused
-meanwhile.  Flow control both ways (L{tlsproxy.flow}).  Every byte arrives,
-in order: a backend's close gives the client every byte, then close_notify;
-a client's close_notify gives the backend every byte, then a FIN; anything
-else aborts both.  Once both sides are gone, one C{close} record, with the
-reason of what ended the connection first.
+The pair, owned by L{ClientSide}: the backend connected after the handshake,
+flow control both ways, every byte in order; a clean close on one side is
+one on the other (close_notify, FIN), else both abort; one C{close} record
+with the reason of what ended the connection first.
 """
 
 from __future__ import annotations
@@ -112,8 +109,7 @@ class RelayFactory(ServerFactory):
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> ClientSide | Refused:
-        host = host_port(addr)[0]
-        return ClientSide(self, host) if self.admission.admit(host) else Refused()
+        return ClientSide(self) if self.admission.admit() else Refused()
 
     @override
     def logPrefix(self) -> str:
@@ -126,8 +122,8 @@ class ClientSide(Protocol):
 
     transport: Transport  # type: ignore[assignment]  # (TLS, or plain: --client)
 
-    def __init__(self, relay: RelayFactory, host: str | None) -> None:
-        self._relay, self._host = relay, host  # (the admitted host)
+    def __init__(self, relay: RelayFactory) -> None:
+        self._relay = relay
         self._backend: Transport | _Absent = _Absent()  # where client bytes go
         self._open_sides = 1  # 2 once the backend is tried
 
@@ -159,7 +155,8 @@ class ClientSide(Protocol):
         """Note the TLS facts, then connect to the backend if allowed."""
         facts, identity = tls_facts(self.transport.getHandle())  # type: ignore[attr-defined]
         self._note_addresses()
-        self._record.facts.update(facts, handshake_time=self._record.since_opened())
+        since = self._relay.clock.seconds() - self._record.facts["opened"]
+        self._record.facts.update(facts, handshake_time=since)
         refusal = self._relay.allow.refusal(identity)
         if refusal is not None:
             self.abort(refusal)
@@ -232,7 +229,7 @@ class ClientSide(Protocol):
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._relay.live.discard(self)
-        self._relay.admission.release(self._host)
+        self._relay.admission.release()
         if self._deadline.active():
             self._deadline.cancel()
         peer = self.transport.getPeer()

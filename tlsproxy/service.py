@@ -1,7 +1,4 @@
-"""
-One proxy as a Twisted service, made by L{proxy_service}: it listens,
-relays, drains on stop, rotates ticket keys hourly, and reloads its files.
-"""
+"""A proxy as a Twisted service: it relays, drains, rotates keys, reloads."""
 
 from __future__ import annotations
 
@@ -49,26 +46,6 @@ class ProxyService(MultiService):
         # What a reload reads again: the certificates, the backend's CAs.
         files = (config.certificates, config.backend_tls)
         self._files: list[_Reloadable] = [f for f in files if f is not None]
-
-    @property
-    def tls(self) -> bool:
-        """Whether the clients speak TLS (not under C{--client})."""
-        return self.relay.tls
-
-    @property
-    def live(self) -> int:
-        """Connections open now."""
-        return len(self.relay.live)
-
-    @property
-    def accepted(self) -> int:
-        """Connections accepted, not refused."""
-        return self.relay.admission.accepted
-
-    @property
-    def refused(self) -> int:
-        """Connections closed at once: over a limit."""
-        return self.relay.admission.refused
 
     @override
     def startService(self) -> None:

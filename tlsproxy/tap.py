@@ -1,7 +1,4 @@
-"""
-C{twistd tlsproxy}: the command line (or C{--config}) read into values by
-L{Options.postOptions}, as root before the chroot; L{makeService} composes.
-"""
+"""C{twistd tlsproxy}: options read as root before the chroot, then composed."""
 
 from __future__ import annotations
 
@@ -23,11 +20,11 @@ from .backend import BackendTLS
 from .config import read_services
 from .context import Certificates, from_files
 from .credentials import Identity, self_signed
-from .endpoints import TLS, behind_balancer, client_from_string, host_of, overlap
+from .endpoints import TLS, behind_balancer, client_from_string, overlap, reaches
 from .listen import SharedLimit
 from .metrics import Metrics
 from .peer import printable
-from .process import Process, one_line
+from .process import Process, confinement, one_line
 from .proxyheader import ENCODERS, no_header
 from .record import ConnectionLog, RecordObserver, fan_out, log_close
 from .service import proxy_service
@@ -44,7 +41,7 @@ from .values import (
 )
 
 _log = Logger(namespace="tlsproxy")
-PROCESS_WIDE = frozenset({"config", "metrics", "max-connections-total"})
+PROCESS_WIDE = frozenset({"config", "metrics", "max-connections-total", "no-sandbox"})
 ALLOW = ("cn", "ou", "dns", "uri")
 REPEATABLE = ("cert", "key", *(f"allow-{kind}" for kind in ALLOW))
 # The options of the TLS toward the clients, which --client has not.
@@ -87,7 +84,6 @@ class Options(usage.Options):
         ["connection-log", None, None, "Append a JSON line per record to FILE."],
         ["proxy-protocol", None, None, "Send a PROXY header to the backend: v1|v2."],
         ["max-connections", None, None, "Live connections at most [default: any]."],
-        ["max-connections-per-client", None, None, "From one address at most."],
         ["max-connections-total", None, None, "Of all services [default: by fds]."],
         ["drain-timeout", None, "10", "Seconds for live connections on SIGTERM."],
         ["metrics", None, None, "Serve Prometheus metrics on this endpoint."],
@@ -102,6 +98,7 @@ class Options(usage.Options):
         ["client", None, "Accept plain TCP (needs --connect tls:...)."],
         ["reuse-port", None, "Share the --listen port with other processes."],
         ["quiet", None, "No line per connection in twistd's log."],
+        ["no-sandbox", None, "Do not confine the process with Landlock."],
     ]
 
     def __init__(self) -> None:
@@ -143,7 +140,7 @@ class Options(usage.Options):
             raise ConfigError(f"--proxy-protocol {version}: must be v1 or v2")
         check_endpoint("listen", serverFromString, behind_balancer(self["listen"])[1])
         check_endpoint("connect", client_from_string, connect)  # (before the files)
-        tls = BackendTLS(host_of(connect), ca) if connect.startswith(TLS) else None
+        tls = BackendTLS(reaches(connect)[0], ca) if connect.startswith(TLS) else None
         return ProxyConfig(
             listen=self["listen"],
             connect=connect,
@@ -155,7 +152,6 @@ class Options(usage.Options):
             ),
             limits=Limits(
                 total=self["max-connections"],
-                per_client=self["max-connections-per-client"],
                 drain=self["drain-timeout"],
             ),
             allow=AllowList(
@@ -215,6 +211,11 @@ class Options(usage.Options):
             strict=bool(self["sni-strict"]),
         )
 
+    def files(self) -> list[str]:
+        """The files a reload reads."""
+        cas = [self[o] for o in ("client-ca", "backend-ca") if self[o] is not None]
+        return self.repeated["cert"] + self.repeated["key"] + cas
+
 
 KINDS: dict[str, str] = {
     **{str(option[0]): "value" for option in Options.optParameters},
@@ -260,17 +261,22 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     sys.excepthook = one_line(sys.excepthook)
-    process = Process(reactor)
+    services = options.services
+    files = [path for one in services for path in one.files()]
+    backends = [one.config.connect for one in services]
+    twistd = getattr(options, "parent", None)
+    sandbox = None if options["no-sandbox"] else confinement(files, backends, twistd)
+    process = Process(reactor, sandbox)
     shared, metrics = SharedLimit(options.total), options.metrics
     path = options["config"]
-    for one in options.services:
+    for one in services:
         config = one.config
         if one.fingerprint is not None:
+            made = f"self-signed certificate for {one['self-signed']}, for trying out"
             _log.warn(
-                "[{service}] self-signed certificate for {name}, made for trying"
-                " out only; SHA-256 fingerprint {fingerprint}",
+                "[{service}] {made} only; SHA-256 fingerprint {fingerprint}",
                 service=config.service,
-                name=one["self-signed"],
+                made=made,
                 fingerprint=one.fingerprint,
             )
         service = proxy_service(config, reactor, fan_out(one.observers), shared)

@@ -1,7 +1,4 @@
-"""
-The values a proxy is made of, checked when made (from text too), for the
-command line, C{--config} and embedding alike: ConfigError names the option.
-"""
+"""The values of a proxy, checked when made (ConfigError names the option)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet.endpoints import serverFromString
 
-from .endpoints import TLS, behind_balancer, binds, client_from_string
+from .endpoints import TLS, behind_balancer, binds, client_from_string, reaches
 from .proxyheader import HeaderEncoder, no_header
 
 if typing.TYPE_CHECKING:
@@ -76,10 +73,9 @@ class Timeouts:
 
 @attrs.frozen(kw_only=True)
 class Limits:
-    """Live connections at most, all and per address; seconds to report, to drain."""
+    """Live connections at most (inf: any); seconds between reports, to drain."""
 
     total: float = _limit("max-connections")
-    per_client: float = _limit("max-connections-per-client")
     drain: float = _seconds("drain-timeout", 10)
     report: float = 10.0
 
@@ -211,3 +207,7 @@ class ProxyConfig:
         )
         check_endpoint("listen", serverFromString, listen)
         check_endpoint("connect", client_from_string, self.connect)
+        port = reaches(self.connect)[1]
+        _check(
+            port is None or 0 < port < 65536, f"--connect {self.connect}: not a port"
+        )
