@@ -627,6 +627,7 @@ DETAIL = (
     Column("full_rsa_rate", "full RSA /s"),
     Column("full_rsa_cpu_us", "cpu us/HS", 0, True),
     Column("resumed_rate", "resumed /s"),
+    Column("resumed_cpu_us", "cpu us/HS", 0, True),
     Column("resumed_resumed", "% resumed"),
     Column("keepalive_rate", "req/s"),
     Column("keepalive_busy", "cpu %"),
@@ -651,23 +652,23 @@ def medians(runs: list[dict[str, float]], plan: Plan) -> dict[str, float]:
 def table(
     results: dict[str, dict[str, float]], columns: tuple[Column, ...], ratios: bool
 ) -> str:
-    """Markdown: a row per proxy, each figure (and its ratio to stunnel's)."""
-    base = results.get("stunnel", {}) if ratios else {}
+    """
+    Markdown: a row per proxy, each figure and (with C{ratios}) its ratio to
+    stunnel's and to the floor's (the "twisted" column: bench/forwarder.py).
+    """
+    bases = {b: results.get(b, {}) for b in ("stunnel", "twisted")} if ratios else {}
     head = ["proxy"]
     for c in columns:
-        head += [c.title, "x stunnel"] if ratios else [c.title]
+        head += [c.title, *(f"x {b}" for b in bases)]
     lines = [head]
     for name, figures in results.items():
         cells = [name]
         for c in columns:
             value = figures.get(c.key)
             cells.append("-" if value is None else f"{value:,.{c.digits}f}")
-            if not ratios:
-                continue
-            ratio = (
-                value / base[c.key] if value is not None and base.get(c.key) else None
-            )
-            cells.append("-" if ratio is None else f"{ratio:.2f}")
+            for base in bases.values():
+                known = value is not None and base.get(c.key)
+                cells.append(f"{value / base[c.key]:.2f}" if known else "-")
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = [

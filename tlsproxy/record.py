@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import typing
-import uuid
 from collections.abc import Callable
 
 import attrs
@@ -57,7 +56,7 @@ class Recording:
     def __init__(self, service: str, clock: IReactorTime, observe: RecordObserver):
         self._clock, self._observe = clock, observe
         self.facts: dict[str, typing.Any] = {
-            "id": uuid.uuid4().hex,
+            "id": os.urandom(16).hex(),
             "service": service,
             "opened": clock.seconds(),
         }
@@ -85,9 +84,8 @@ class Recording:
     def closed(self) -> None:
         """Publish the C{close} record: both sides are gone."""
         closed = self._clock.seconds()
-        duration = closed - self.facts["opened"]
-        record = self.record(event="close", closed=closed, duration=duration)
-        self._observe(attrs.evolve(record, reason=self.reason))
+        end = {"closed": closed, "duration": closed - self.facts["opened"]}
+        self._observe(self.record(event="close", reason=self.reason, **end))
 
 
 def fan_out(observers: list[RecordObserver]) -> RecordObserver:

@@ -26,6 +26,7 @@ from .context import ServerConnection, openssl_reasons
 from .flow import Throttle, Transport
 from .listen import Admission, Refused
 from .peer import (
+    Proxied,
     backend_address,
     client_address,
     host_port,
@@ -33,6 +34,7 @@ from .peer import (
     tls_facts,
     without_header,
 )
+from .proxyheader import no_header
 from .record import Recording, RecordObserver
 from .values import ProxyConfig
 
@@ -75,10 +77,10 @@ _TLS_ERROR = {"client": "TLS error", "backend": "backend TLS error"}
 
 def describe(side: str, reason: Failure) -> str:
     """The close reason for a side's loss: one short line, no payload."""
-    if reason.check(ConnectionDone):
+    if isinstance(reason.value, ConnectionDone):
         return f"{side} closed"
-    if reason.check(SSL.Error):
-        return f"{_TLS_ERROR[side]}: {openssl_reasons(reason.value)}"  # type: ignore[arg-type]
+    if isinstance(reason.value, SSL.Error):
+        return f"{_TLS_ERROR[side]}: {openssl_reasons(reason.value)}"
     return f"{side} error: {reason.getErrorMessage()}"
 
 
@@ -154,7 +156,8 @@ class ClientSide(Protocol):
     def handshakeCompleted(self) -> None:
         """Note the TLS facts, then connect to the backend if allowed."""
         facts, identity = tls_facts(self.transport.getHandle())  # type: ignore[attr-defined]
-        self._note_addresses()
+        if isinstance(self.transport.getPeer(), Proxied):  # (the header's, now)
+            self._note_addresses()
         since = self._relay.clock.seconds() - self._record.facts["opened"]
         self._record.facts.update(facts, handshake_time=since)
         refusal = self._relay.allow.refusal(identity)
@@ -168,7 +171,10 @@ class ClientSide(Protocol):
         self._connect_started = self._relay.clock.seconds()
         self.transport.pauseProducing()
         self._arm(self._relay.timeouts.connect, "backend connect timeout")
-        header = self._relay.header(self._record.record(event="open"))
+        encode = self._relay.header
+        header = (
+            b"" if encode is no_header else encode(self._record.record(event="open"))
+        )
         attempt = self._relay.connect.connect(self, header)
         self._backend = pending = _Connecting(attempt)
         self._open_sides = 2
@@ -193,7 +199,7 @@ class ClientSide(Protocol):
         self._arm(self._relay.timeouts.idle, "idle timeout")
 
     def _backend_failed(self, reason: Failure) -> None:
-        tls = reason.check(BackendTLSError)
+        tls = isinstance(reason.value, BackendTLSError)
         failed = "backend TLS error" if tls else "backend connect failed"
         self._record.because(f"{failed}: {reason.getErrorMessage()}")
         if self._open_sides == 2:  # the client is still connected
@@ -217,7 +223,7 @@ class ClientSide(Protocol):
         self._record.because(describe("backend", reason))
         self._backend = _Absent()
         if self._open_sides == 2:  # the client is still connected
-            if reason.check(ConnectionDone):
+            if isinstance(reason.value, ConnectionDone):
                 self.transport.unregisterProducer()
                 # Read on: the client's close_notify must be able to arrive.
                 self.transport.resumeProducing()
@@ -232,20 +238,21 @@ class ClientSide(Protocol):
         self._relay.admission.release()
         if self._deadline.active():
             self._deadline.cancel()
-        peer = self.transport.getPeer()
-        self._record.facts.update(client_address(peer))
+        record, peer = self._record, self.transport.getPeer()
+        record.facts.update(client_address(peer))  # (a balancer's, now)
         if without_header(peer):
-            self._record.because("no valid PROXY header")
+            record.because("no valid PROXY header")
+        clean = isinstance(reason.value, ConnectionDone)
         if self._relay.tls:
             tls: ServerConnection = self.transport.getHandle()  # type: ignore[attr-defined]
-            self._record.facts["sni"] = server_name(tls) or None  # (if it failed too)
+            record.facts["sni"] = server_name(tls) or None  # (if it failed too)
             if tls.refusal is not None:  # (TLS's own reason: an SNI name, say)
-                self._record.because(tls.refusal)
-            if tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
-                reason = Failure(ConnectionDone())  # a reset after it loses nothing
-        self._record.because(describe("client", reason))
+                record.because(tls.refusal)
+            # A reset after the client's close_notify loses nothing.
+            clean = clean or bool(tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        record.because("client closed" if clean else describe("client", reason))
         self._side_closed()  # first: the backend sees the client gone
-        if reason.check(ConnectionDone):
+        if clean:
             self._backend.unregisterProducer()
             self._backend.loseConnection()
         else:
