@@ -5,8 +5,10 @@
 # test tools, runs the trial suite under branch coverage, then the gates:
 # coverage of tlsproxy/ at 100%, mypy --strict, ruff check and format, the
 # in-memory tests again in .venv-floors, on the oldest versions that
-# setup.cfg allows (tests/floors.py), and the proxy's size (tests/size.py).  The last line counts trial's tests
-# plus the six gates: "N passed, N failed, N skipped".
+# setup.cfg allows (tests/floors.py), the proxy's size (tests/size.py), the
+# docs (HTML and man pages, sphinx-build -W) and each man page rendered by
+# groff without a warning.  The last line counts trial's tests plus the
+# eight gates: "N passed, N failed, N skipped".
 set -u
 cd "$(dirname "$0")/.." || exit 1
 [ -x .venv/bin/python ] || python3 -m venv .venv || exit 1
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.." || exit 1
 .venv/bin/python -m pip install -q -e '.[test]' || exit 1
 
 log=$(mktemp)
-trap 'rm -f "$log" "$log.pins" "$log.floors"' EXIT
+trap 'rm -f "$log" "$log.pins" "$log.floors" "$log.man" "$log.said"' EXIT
 .venv/bin/coverage erase
 [ $# -gt 0 ] || set -- tests
 .venv/bin/coverage run -m twisted.trial "$@" 2>&1 | tee "$log"
@@ -60,6 +62,24 @@ floors() {  # the in-memory tests on the oldest versions setup.cfg names
 gate "the oldest versions setup.cfg allows" floors
 
 gate "the proxy's size within its budget (tests/size.py)" .venv/bin/python tests/size.py
+
+docs() {  # the HTML (with pydoctor's API reference) and the man pages, anew
+    rm -rf docs/_build
+    .venv/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html &&
+        .venv/bin/sphinx-build -q -W --keep-going -b man docs docs/_build/man
+}
+gate "the docs build without a warning (sphinx-build -W, html and man)" docs
+
+man_pages() {  # each man page, as man would show it, without a warning
+    set -- docs/_build/man/man*/*
+    [ -f "$1" ] || { echo "no man page in docs/_build/man"; return 1; }
+    for page; do
+        groff -t -man -Tutf8 -ww "$page" >"$log.man" 2>"$log.said" &&
+            [ -s "$log.man" ] && [ ! -s "$log.said" ] ||
+            { echo "$page:"; cat "$log.said"; return 1; }
+    done
+}
+gate "each man page renders (groff -ww)" man_pages
 
 echo "${passed} passed, ${failed} failed, ${skipped} skipped"
 [ "$failed" -eq 0 ]

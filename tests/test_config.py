@@ -359,15 +359,16 @@ class SampleTests(SynchronousTestCase):
         self.assertEqual(imaps.config.service, "imaps")
         self.assertEqual(imaps.config.allow.cn, frozenset({"alice", "bob"}))
 
-    def test_readme_example(self) -> None:
-        """The README's example file, with test files for its paths, is valid."""
+    def test_man_page_example(self) -> None:
+        """tlsproxy.conf(5)'s example file, with test files for its paths, is valid."""
         files = Files(self)
         cert, key = files.path("server.crt"), files.path("server.key")
         LEAF.cert_chain_pems[0].write_to_path(cert)
         LEAF.private_key_pem.write_to_path(key)
-        with open(os.path.join(TOP, "README.rst"), encoding="utf-8") as f:
-            readme = f.read()
-        section = readme.split("\nSeveral services: --config\n", 1)[1]
+        page = os.path.join(TOP, "docs", "man", "tlsproxy.conf.rst")
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        section = text.split("\nDescription\n", 1)[1]
         block = section.split("::\n\n", 1)[1].split("\n\n" + "run as", 1)[0]
         text = (
             textwrap.dedent(block)

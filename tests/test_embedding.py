@@ -1,6 +1,6 @@
 """
-The README's embedding example, run as another application would: a .tac
-file under the real twistd.
+The embedding guide's example (docs/guide/embedding.rst), run as another
+application would: a .tac file under the real twistd.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from .harness import (
     wait_until,
 )
 
-README = Path(__file__).resolve().parent.parent / "README.rst"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guide" / "embedding.rst"
 
 
 def embedding_example() -> str:
-    """The literal block that follows "Embedding" in README.rst."""
-    section = README.read_text().split("\nEmbedding\n", 1)[1]
-    block = section.split("::\n\n", 1)[1]
+    """The first literal block of the embedding guide."""
+    block = GUIDE.read_text().split("::\n\n", 1)[1]
     lines = []
     for line in block.splitlines():
         if line and not line.startswith("    "):
@@ -40,9 +39,9 @@ def embedding_example() -> str:
 class EmbeddingTests(TestCase):
     """Another Twisted application builds the proxy in a few lines."""
 
-    def test_readme_example(self) -> None:
+    def test_guide_example(self) -> None:
         """
-        The README's example, with its ports and files made real, serves
+        The guide's example, with its ports and files made real, serves
         curl through to the backend.
         """
         directory = temp_dir(self)

@@ -42,7 +42,7 @@ from .memory import CA, leaf_certificates
 
 TOTAL = 32 * 1024 * 1024  # bytes offered by the fast side
 CHUNK = bytes(range(256)) * 256  # 64 KiB
-BOUND = 300 * 1024  # what README.rst promises per connection
+BOUND = 300 * 1024  # what tlsproxy(8) promises per connection (docs/man)
 FLOOD = 600_000  # KeyUpdates: 16 MB, far more than every buffer on the way
 
 

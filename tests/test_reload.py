@@ -183,7 +183,7 @@ class ReloadTests(TestCase):
     def test_resumption(self) -> None:
         """
         TLS 1.3 sessions resume (s_client -sess_in); after a reload fresh
-        sessions do.  (TLS 1.2 sessions never resume: see README.rst.)
+        sessions do.  (TLS 1.2 sessions never resume: see docs/guide/certificates.rst.)
         """
         port = self.proxy.port
         session = str(self.dir / "session.pem")
