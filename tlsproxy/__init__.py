@@ -1,4 +1,4 @@
-"""tlsproxy: terminate TLS, relay to one backend.  The embedding API (README)."""
+"""tlsproxy: terminate TLS, relay to one backend; the embedding API (docs/)."""
 
 from .backend import BackendTLS
 from .context import Certificates, from_files

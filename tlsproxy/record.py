@@ -1,4 +1,4 @@
-"""Connection records (fields: README.rst), twistd's line, the connection log."""
+"""Connection records (fields: tlsproxy(8)), twistd's line, the connection log."""
 
 from __future__ import annotations
 

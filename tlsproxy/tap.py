@@ -65,7 +65,7 @@ def _repeat(name: str, doc: str) -> Callable[[Options, str], None]:
 
 
 class Options(usage.Options):
-    """The options of C{twistd tlsproxy}; see README.rst for each."""
+    """The options of C{twistd tlsproxy}; see tlsproxy(8) for each."""
 
     synopsis = "--connect ENDPOINT (--cert FILE [--key FILE] | --self-signed NAME)"
     longdesc = (
