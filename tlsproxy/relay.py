@@ -241,8 +241,8 @@ class ClientSide(Protocol):
             self._record.facts["sni"] = server_name(tls) or None  # (if it failed too)
             if tls.refusal is not None:  # (TLS's own reason: an SNI name, say)
                 self._record.because(tls.refusal)
-            if tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
-                reason = Failure(ConnectionDone())  # a reset after it loses nothing
+            if tls.get_shutdown() == SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN:
+                reason = Failure(ConnectionDone())  # both close_notifies, not an alert
         self._record.because(describe("client", reason))
         self._side_closed()  # first: the backend sees the client gone
         if reason.check(ConnectionDone):
