@@ -207,10 +207,11 @@ class ClientSide(Protocol):
         self._backend.write(data)
 
     def backend_data(self, data: bytes) -> None:
-        """Send the backend's bytes to the client."""
-        self._record.to_client += len(data)
-        self._deadline.reset(self._period)
-        self.transport.write(data)
+        """Send the backend's bytes to the client (gone: a TLS backend's last)."""
+        if self._open_sides == 2:  # the client is still connected
+            self._record.to_client += len(data)
+            self._deadline.reset(self._period)
+            self.transport.write(data)
 
     def backend_lost(self, reason: Failure) -> None:
         """The backend is gone: closed, the client gets close_notify; else aborted."""
