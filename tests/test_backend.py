@@ -262,6 +262,24 @@ class TLSBackendRelayTests(SynchronousTestCase):
         self.assertEqual((close.event, close.reason), ("close", "client closed"))
         self.assertEqual(close.bytes_to_client, 0)
 
+    def test_read_again_when_the_client_closed(self) -> None:
+        """
+        A client that closes cleanly while the backend is not read (the
+        client's transport full) leaves a TLS backend read again, so that
+        its close_notify can come and the close end.  (tests/test_model.py
+        found it: the backend's connection stayed, unread, no record.)
+        """
+        pair = TLSPair(self.tls)
+        pair.flush()
+        pair.connect_backend()
+        pair.flush()
+        pair.server_io.producer.pauseProducing()  # the client's transport is full
+        self.assertTrue(pair.backend_io.paused)
+        pair.client_tls.loseConnection()
+        pair.flush()
+        self.assertFalse(pair.backend_io.paused)
+        self.assertEqual(pair.records[-1].reason, "client closed")
+
     def test_ip_address(self) -> None:
         """A backend named by its IP address is verified against that address."""
         pair = TLSPair(BackendTLS("127.0.0.1", pem_file(self, CA)))

@@ -46,7 +46,7 @@ class _Absent:
     def loseConnection(self) -> None:
         pass
 
-    abortConnection = unregisterProducer = loseConnection
+    abortConnection = unregisterProducer = resumeProducing = loseConnection
 
 
 class _Connecting(_Absent):
@@ -248,6 +248,7 @@ class ClientSide(Protocol):
         self._side_closed()  # first: the backend sees the client gone
         if reason.check(ConnectionDone):
             self._backend.unregisterProducer()
+            self._backend.resumeProducing()  # (a TLS backend's close_notify must come)
             self._backend.loseConnection()
         else:
             self._backend.abortConnection()
