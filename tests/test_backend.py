@@ -239,6 +239,47 @@ class TLSBackendRelayTests(SynchronousTestCase):
         )
         self.assertFalse(pair.server_io.paused)
 
+    def test_bytes_after_the_client_closed(self) -> None:
+        """
+        Bytes a TLS backend sends after the client closed cleanly (before it
+        read the proxy's close_notify; TLS still reads on, for its own) are
+        dropped: nothing raises, and the backend's close stays clean.
+        (tests/test_model.py found it.)
+        """
+        pair = TLSPair(self.tls)
+        pair.flush()
+        pair.connect_backend()
+        pair.flush()
+        pair.client_tls.write(b"request")
+        pair.client_tls.loseConnection()
+        flush(pair.pump, None)  # (the client's connection only)
+        pair.backend.transport.write(b"late")
+        pair.flush()
+        self.assertEqual(pair.backend.data, b"request")
+        assert pair.backend.ended is not None
+        self.assertTrue(pair.backend.ended.check(ConnectionDone))
+        close = pair.records[-1]
+        self.assertEqual((close.event, close.reason), ("close", "client closed"))
+        self.assertEqual(close.bytes_to_client, 0)
+
+    def test_read_again_when_the_client_closed(self) -> None:
+        """
+        A client that closes cleanly while the backend is not read (the
+        client's transport full) leaves a TLS backend read again, so that
+        its close_notify can come and the close end.  (tests/test_model.py
+        found it: the backend's connection stayed, unread, no record.)
+        """
+        pair = TLSPair(self.tls)
+        pair.flush()
+        pair.connect_backend()
+        pair.flush()
+        pair.server_io.producer.pauseProducing()  # the client's transport is full
+        self.assertTrue(pair.backend_io.paused)
+        pair.client_tls.loseConnection()
+        pair.flush()
+        self.assertFalse(pair.backend_io.paused)
+        self.assertEqual(pair.records[-1].reason, "client closed")
+
     def test_ip_address(self) -> None:
         """A backend named by its IP address is verified against that address."""
         pair = TLSPair(BackendTLS("127.0.0.1", pem_file(self, CA)))

@@ -234,6 +234,32 @@ class CloseTests(SynchronousTestCase):
         self.assertFalse(pair.backend_io.aborted)
         self.assertEqual(pair.records[-1].reason, "client closed")
 
+    def test_fatal_alert_aborts_backend(self) -> None:
+        """
+        A client's fatal alert (here, as its renegotiation is refused) is a
+        TLS error, not a clean close, though OpenSSL then counts the client
+        shut down: the backend is aborted, not given a FIN after a cut-short
+        request.  (tests/test_model.py found it.)
+        """
+        from twisted.internet.ssl import TLSVersion
+
+        pair = Pair(
+            extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2}
+        )
+        pair.flush()
+        pair.connect_backend()
+        pair.client_tls.write(b"cut short")
+        pair.flush()
+        tls = pair.client_tls.getHandle()
+        tls.renegotiate()
+        self.assertRaises(SSL.WantReadError, tls.do_handshake)
+        pair.client_tls.transport.write(tls.bio_read(65536))  # its ClientHello
+        pair.flush()
+        self.assertEqual(pair.backend.data, b"cut short")
+        self.assertTrue(pair.backend_io.aborted)
+        reason = pair.records[-1].reason
+        self.assertEqual(reason, "TLS error: tls alert handshake failure")
+
     def test_client_abort_aborts_backend(self) -> None:
         """A client connection lost without close_notify aborts the backend."""
         pair = self.connected()

@@ -29,6 +29,7 @@ from tlsproxy.proxyheader import (
 )
 from tlsproxy.values import AllowList, ConfigError, TLSPolicy
 
+from .keyupdate import MemoryTLS
 from .memory import CA, LEAF, Pair, leaf_certificates
 from .test_proxyheader import tlvs, v2_parts
 
@@ -406,6 +407,29 @@ class DrainTests(SynchronousTestCase):
         transport.producer.resumeProducing()
         self.assertFalse(protocol.full)
         self.assertEqual(transport.producerState, "producing")
+
+    def test_answers_all_sent(self) -> None:
+        """
+        All that TLS answers to one read (here to 2,400 KeyUpdates that ask
+        for one back, 64 KiB) goes to the transport at once: none waits in
+        OpenSSL's buffer, out of flow control's sight, growing with each
+        read while the client reads the rest.  (tests/test_model.py found
+        it.)
+        """
+        protocol, transport = self.connected()
+        client = MemoryTLS(sni=b"localhost")
+        self.addCleanup(client.free)
+        while not client.handshake():
+            protocol.dataReceived(client.output())
+            client.feed(transport.value())
+            transport.clear()
+        protocol.dataReceived(client.output())  # its Finished
+        transport.clear()
+        client.key_update(2400)
+        updates = client.output()
+        self.assertGreater(len(updates), 2**16 - 2**10)
+        protocol.dataReceived(updates)
+        self.assertGreater(len(transport.value()), 2**16 - 2**10)  # (not 32 KiB)
 
     def test_closing(self) -> None:
         """A transport that closes while full gets rid of the producer."""

@@ -48,16 +48,15 @@ class _Absent:
     def loseConnection(self) -> None:
         pass
 
-    abortConnection = unregisterProducer = loseConnection
+    abortConnection = unregisterProducer = resumeProducing = loseConnection
 
 
 class _Connecting(_Absent):
     """The backend being connected: client bytes wait, a clean end is noted."""
 
     def __init__(self, attempt: Deferred[Transport]) -> None:
-        self.attempt = attempt
+        self.attempt, self.closing = attempt, False
         self.chunks: list[bytes] = []
-        self.closing = False
 
     @override
     def write(self, data: bytes) -> None:
@@ -213,10 +212,11 @@ class ClientSide(Protocol):
         self._backend.write(data)
 
     def backend_data(self, data: bytes) -> None:
-        """Send the backend's bytes to the client."""
-        self._record.to_client += len(data)
-        self._deadline.reset(self._period)
-        self.transport.write(data)
+        """Send the backend's bytes to the client (gone: a TLS backend's last)."""
+        if self._open_sides == 2:  # the client is still connected
+            self._record.to_client += len(data)
+            self._deadline.reset(self._period)
+            self.transport.write(data)
 
     def backend_lost(self, reason: Failure) -> None:
         """The backend is gone: closed, the client gets close_notify; else aborted."""
@@ -248,12 +248,14 @@ class ClientSide(Protocol):
             record.facts["sni"] = server_name(tls) or None  # (if it failed too)
             if tls.refusal is not None:  # (TLS's own reason: an SNI name, say)
                 record.because(tls.refusal)
-            # A reset after the client's close_notify loses nothing.
-            clean = clean or bool(tls.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+            # A reset after close_notify both ways loses nothing (an alert: no close).
+            both = SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN
+            clean = clean or tls.get_shutdown() == both
         record.because("client closed" if clean else describe("client", reason))
         self._side_closed()  # first: the backend sees the client gone
         if clean:
             self._backend.unregisterProducer()
+            self._backend.resumeProducing()  # (a TLS backend's close_notify must come)
             self._backend.loseConnection()
         else:
             self._backend.abortConnection()
