@@ -64,6 +64,8 @@ class Backend(protocol.Protocol):
         self.client.transport.write(data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        # Twisted's TLS sends close_notify only once no producer is registered.
+        self.client.transport.unregisterProducer()
         self.client.transport.loseConnection()
 
 
