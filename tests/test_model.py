@@ -67,7 +67,10 @@ GARBAGE = b"GET / HTTP/1.0\r\n\r\n"  # not TLS: OpenSSL fails at its 5th byte
 _random = random.Random(17)
 STREAMS = {"client": _random.randbytes(2**22), "backend": _random.randbytes(2**22)}
 SIZES = st.one_of(
-    st.integers(1, 100), st.integers(1000, 20_000), st.integers(60_000, 200_000)
+    st.integers(1, 100),
+    st.integers(1000, 20_000),
+    st.integers(60_000, 200_000),
+    st.integers(200_000, 400_000),  # (past the bound, if nothing holds it back)
 )
 
 SIDES = st.sampled_from(["client", "backend"])
@@ -79,6 +82,7 @@ ACTIONS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
                 "everything",
                 "backend accepts",
                 "everything",
+                "backend accepts",
                 "to proxy",
                 "to client",
                 "from backend",
@@ -88,12 +92,15 @@ ACTIONS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     ),
     "send": st.tuples(st.just("send"), SIDES, SIZES),
     "hold": st.tuples(st.just("hold"), SIDES, st.booleans()),
-    "tls": st.tuples(st.just("tls_traffic"), SIDES, st.sampled_from([1, 2500, 12_000])),
+    "tls": st.tuples(
+        st.just("tls_traffic"), SIDES, st.sampled_from([1, 2500, 12_000, 40_000])
+    ),
     "ends": st.tuples(
         st.just("something_ends"),
         st.sampled_from(
             [
                 "client close_notify",
+                "backend close",
                 "backend close",
                 "next timer",
                 "client FIN",
@@ -108,7 +115,7 @@ ACTIONS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "time": st.tuples(st.just("time_passes"), st.sampled_from([0.05, 1.0])),
 }
 STEPS = st.sampled_from(
-    ["network"] * 6 + ["send"] * 3 + ["hold"] * 2 + ["tls", "ends", "time"]
+    ["network"] * 6 + ["send"] * 3 + ["hold"] * 2 + ["tls", "ends", "ends", "time"]
 ).flatmap(ACTIONS.__getitem__)
 
 # What may first end a connection (the model's causes), and the reasons the
@@ -287,6 +294,7 @@ class ConnectionModel(RuleBasedStateMachine):
         self.backend_link: Connection | None = None
         self.ready: Any = None  # the backend side's (BackendSide.ready)
         self.cause: str | None = None  # the first, as the model saw it
+        self.early: list[str] = []  # TLS's causes delivered before the first cause
         self.delivered: list[str] = []  # TLS's causes the proxy was sent, in order
         self.lost: dict[str, str] = {}  # how a side's TCP ended: end, reset
         self.ended: set[str] = set()  # the sides whose end the relay has seen
@@ -455,15 +463,16 @@ class ConnectionModel(RuleBasedStateMachine):
                     f"{side} {self.backend_mode} {self.lost[side]}" == "backend tcp end"
                 )
                 self.caused("backend closed" if clean else f"{side} {self.lost[side]}")
-            else:
-                self.caused(f"{side} gone")  # (the proxy's doing)
+            else:  # (the proxy's doing: an abort only once disturbed)
+                assert self.disturbed or not end.aborting, f"{side} aborted, ends clean"
+                self.caused(f"{side} gone")
 
     def caused(self, cause: str) -> None:
         """One of the model's causes: the first ends the connection."""
         if cause.startswith("backend") and not self.opened:
             cause = "unverified"
         if self.cause is None:
-            self.cause = cause
+            self.cause, self.early = cause, list(self.delivered)
         if cause not in ("client closed", "backend closed"):
             self.disturbed = True
 
@@ -783,8 +792,13 @@ class ConnectionModel(RuleBasedStateMachine):
                 assert self.cause in ("client closed", "backend closed"), self.cause
                 if self.cause == "client closed" and self.backend is not None:
                     assert self.backend.received == self.client.sent
-                if self.cause == "backend closed":
+                    assert heard_close(self.backend), "the backend got no clean end"
+                # (No half-close, as README.rst says: once the client's
+                # close_notify has come, the backend's last bytes may not.)
+                if self.cause == "backend closed" and "client closed" not in self.early:
                     assert self.client.received == self.backend.sent  # type: ignore[union-attr]
+                if self.cause == "backend closed":
+                    assert heard_close(self.client), "the client got no close_notify"
         # A trusted backend reads, in the end; a client need not.
         if self.backend_end is not None:
             self.backend_end.held = False
@@ -806,6 +820,13 @@ class ConnectionModel(RuleBasedStateMachine):
         assert not self.logged, self.logged
 
 
+def heard_close(peer: Peer) -> bool:
+    """Whether C{peer} got a clean end: close_notify, or (plain TCP) a FIN."""
+    if peer.tls is not None:
+        return peer.tls.closed
+    return peer.end.lost is not None and peer.end.lost.check(ConnectionDone) is not None
+
+
 def _settings(name: str) -> settings:
     """The model's settings: C{ci} (a fixed seed), or C{long} (random seeds)."""
     common: dict[str, Any] = dict(
@@ -817,7 +838,7 @@ def _settings(name: str) -> settings:
     if name == "long":
         return settings(max_examples=5000, stateful_step_count=100, **common)
     return settings(
-        max_examples=200, stateful_step_count=50, derandomize=True, **common
+        max_examples=500, stateful_step_count=50, derandomize=True, **common
     )
 
 
