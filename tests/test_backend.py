@@ -280,6 +280,26 @@ class TLSBackendRelayTests(SynchronousTestCase):
         self.assertFalse(pair.backend_io.paused)
         self.assertEqual(pair.records[-1].reason, "client closed")
 
+    def test_reset_after_close_notify(self) -> None:
+        """
+        A TLS backend that resets its connection after its close_notify
+        (before reading the proxy's) has lost nothing: the client gets all
+        it sent, then close_notify.  (tests/test_model.py found it.)
+        """
+        pair = TLSPair(self.tls)
+        pair.flush()
+        pair.connect_backend()
+        pair.flush()
+        pair.backend.transport.write(b"response")
+        pair.backend.transport.loseConnection()  # its close_notify
+        assert pair.backend_pump is not None
+        pair.backend_pump.pump()  # (to the proxy, not the proxy's back)
+        pair.backend_pump.serverIO.abortConnection()
+        pair.flush()
+        self.assertEqual(pair.client.data, b"response")
+        self.assertFalse(pair.server_io.aborted)
+        self.assertEqual(pair.records[-1].reason, "backend closed")
+
     def test_ip_address(self) -> None:
         """A backend named by its IP address is verified against that address."""
         pair = TLSPair(BackendTLS("127.0.0.1", pem_file(self, CA)))

@@ -165,7 +165,8 @@ class _Verified(BackendSide):
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._verified:
-            super().connectionLost(reason)
+            clean = typing.cast(CountingConnection, self.transport.getHandle()).closed()
+            super().connectionLost(connectionDone if clean else reason)
         elif not self.ready.called:  # (else told already: cancelled, refused)
             if reason.check(SSL.Error):
                 why = openssl_reasons(reason.value)  # type: ignore[arg-type]

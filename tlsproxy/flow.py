@@ -59,13 +59,14 @@ class CountingConnection(SSL.Connection):
         self.written += len(data)
         return data
 
+    def closed(self) -> bool:
+        """close_notify both ways: a reset after it loses nothing (not an alert)."""
+        return bool(self.get_shutdown() == SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+
 
 @implementer(IPushProducer)
 class _Drain:
-    """
-    A L{TLSProtocol}'s producer (paused: the buffer is full), passing on to
-    the layer above's; it steps aside for a closing transport.
-    """
+    """A L{TLSProtocol}'s producer, passing on to the layer above's (not closing)."""
 
     def __init__(self, tls: TLSProtocol) -> None:
         self.tls = tls

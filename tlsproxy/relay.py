@@ -248,9 +248,7 @@ class ClientSide(Protocol):
             record.facts["sni"] = server_name(tls) or None  # (if it failed too)
             if tls.refusal is not None:  # (TLS's own reason: an SNI name, say)
                 record.because(tls.refusal)
-            # A reset after close_notify both ways loses nothing (an alert: no close).
-            both = SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN
-            clean = clean or tls.get_shutdown() == both
+            clean = clean or tls.closed()
         record.because("client closed" if clean else describe("client", reason))
         self._side_closed()  # first: the backend sees the client gone
         if clean:
